@@ -1,0 +1,130 @@
+"""The ``forge`` command line.
+
+    forge train [PRESET] [--set KEY=VALUE ...] [--model M] [--data D] [--output-dir O]
+    forge presets list
+    forge presets show NAME [--set KEY=VALUE ...]
+
+Mistakes a user can make (a bad preset, a missing file, a bad data row) print one line each
+on stderr and exit with code 2; nothing in an existing output directory is overwritten
+unless ``--overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from forge import __version__
+from forge.errors import ForgeError
+
+EXIT_USAGE = 2
+
+
+def _add_override_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a preset value, e.g. --set training.learning_rate=1e-4 "
+                        "(repeatable; values are read as YAML)")
+    parser.add_argument("--model", help="model name or local path (sets model.name_or_path)")
+    parser.add_argument("--data", help="data file or directory (sets data.path)")
+    parser.add_argument("--output-dir", help="where to save (sets training.output_dir)")
+    parser.add_argument("--max-steps", type=int, help="stop after N steps (sets training.max_steps)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forge", description="Fine-tune HF models from YAML presets (SFT, LoRA, QLoRA, DPO).")
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a preset (default: the offline demo)")
+    train.add_argument("preset", nargs="?", default="demo",
+                       help="shipped preset name (see `forge presets list`) or a YAML file")
+    _add_override_options(train)
+    train.add_argument("--overwrite", action="store_true",
+                       help="allow writing into a non-empty output directory")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                       help="continue from the newest checkpoint in the output dir, or CHECKPOINT")
+
+    presets = sub.add_parser("presets", help="list or show the shipped presets")
+    presets_sub = presets.add_subparsers(dest="presets_command", required=True)
+    presets_sub.add_parser("list", help="name and one-line description of each preset")
+    show = presets_sub.add_parser("show", help="print a preset fully resolved, as YAML")
+    show.add_argument("preset", help="shipped preset name or a YAML file")
+    _add_override_options(show)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    from forge.presets import SHORTCUTS
+
+    items = list(args.overrides)
+    for option, key in SHORTCUTS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            # Shortcut values are taken literally, never parsed as YAML.
+            items.append((key, value))
+    return items
+
+
+def _load(args: argparse.Namespace):
+    from forge.presets import load_preset, parse_override
+
+    pairs = [o if isinstance(o, tuple) else parse_override(o) for o in _overrides(args)]
+    return load_preset(args.preset, dict(pairs))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from forge.train import train
+
+    preset = _load(args)
+    result = train(preset, overwrite=args.overwrite, resume=args.resume)
+    trainer = result.trainer
+    if trainer is None or trainer.is_world_process_zero():
+        losses = [h["loss"] for h in result.log_history if "loss" in h]
+        last = f", last logged loss {losses[-1]:.4f}" if losses else ""
+        what = "adapter" if preset.peft_config() is not None else "model"
+        print(f"forge: trained preset '{preset.name}' for {trainer.state.global_step} steps{last}")
+        print(f"forge: {what}, tokenizer and forge_preset.yaml saved in {result.output_dir}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from forge.presets import list_presets
+
+    if args.presets_command == "list":
+        presets = list_presets()
+        width = max(map(len, presets))
+        for name, description in presets.items():
+            print(f"{name:<{width}}  {description}")
+        return 0
+    print(_load(args).to_yaml(), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``forge`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers 5 warns about an alias TRL itself sets; it is noise to a forge user.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+    # bitsandbytes looks for an optional Hub kernel on some CPUs and logs its absence; the
+    # fallback it uses is correct, and forge never downloads kernels.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_presets(args)
+    except ForgeError as err:
+        for line in str(err).splitlines():
+            print(f"forge: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("forge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

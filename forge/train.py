@@ -1,0 +1,144 @@
+"""Run a preset end to end: model, tokenizer, data, TRL trainer, forge features, save.
+
+This is what ``forge train`` calls; from Python it is one line:
+
+Example:
+    >>> import forge
+    >>> result = forge.train(forge.load_preset("lora", {"training.max_steps": 20}))
+    >>> result.output_dir
+    'outputs/lora'
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forge.config import FEATURE_SECTIONS
+from forge.data import load_examples
+from forge.errors import ForgeError
+from forge.modeling import load_model, load_tokenizer
+from forge.presets import Preset
+
+PRESET_FILE = "forge_preset.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    trainer: Any = None
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> None:
+    """Refuse to write into a non-empty directory unless told to (or resuming there)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ForgeError(f"output directory '{output_dir}' is a file")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise ForgeError(
+            f"output directory '{output_dir}' exists and is not empty; pass --overwrite to "
+            "write into it, --resume to continue its run, or choose another --output-dir"
+        )
+
+
+def load_datasets(preset: Preset) -> tuple[Any, Any]:
+    """The training set and the evaluation set (or None) a preset describes."""
+    data = preset.data
+    train_ds = load_examples(data.path, preset.method, data.format, data.split, data.max_samples)
+    eval_ds = None
+    if data.eval_path or data.eval_split:
+        eval_ds = load_examples(data.eval_path or data.path, preset.method, data.format,
+                                data.eval_split or data.split)
+    elif data.eval_fraction:
+        seed = preset.config["training"].get("seed", 42)
+        split = train_ds.train_test_split(test_size=data.eval_fraction, seed=seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    return train_ds, eval_ds
+
+
+def feature_kwargs(preset: Preset, model: Any, args: Any) -> dict[str, Any]:
+    """Extra trainer arguments from the forge feature sections (``ema``, ``freeze``, ...).
+
+    Each feature module's ``from_preset(cfg, model, args)`` returns trainer keyword
+    arguments; callbacks from all of them are concatenated.
+    """
+    out: dict[str, Any] = {"callbacks": []}
+    for section in FEATURE_SECTIONS:
+        cfg = preset.feature(section)
+        if cfg is None:
+            continue
+        module = importlib.import_module(FEATURE_SECTIONS[section].split(":")[0])
+        extra = module.from_preset(cfg, model, args)
+        out["callbacks"].extend(extra.pop("callbacks", []))
+        for key, value in extra.items():
+            if key in out:
+                raise ForgeError(f"{section}: conflicts with another section over '{key}'")
+            out[key] = value
+    return out
+
+
+def build_trainer(preset: Preset) -> Any:
+    """Load everything a preset names and return the ready TRL trainer (not yet trained)."""
+    import trl
+    from transformers import set_seed
+
+    args = preset.training_args()
+    if preset.data.eval_path or preset.data.eval_split or preset.data.eval_fraction:
+        if "eval_strategy" not in preset.config["training"]:
+            args.eval_strategy = "steps"  # an eval set the user gave should be used
+    # Seed before the model loads, so LoRA's random init is reproducible too.
+    set_seed(args.seed)
+    # Cheapest checks first: a bad data row should not wait for a model download.
+    train_ds, eval_ds = load_datasets(preset)
+    tokenizer = load_tokenizer(preset.model)
+    model = load_model(preset.model, preset.quantization_config(), preset.peft_config())
+    extra = feature_kwargs(preset, model, args)
+    trainer_cls = trl.SFTTrainer if preset.method == "sft" else trl.DPOTrainer
+    accepted = inspect.signature(trainer_cls.__init__).parameters
+    late = {k: extra.pop(k) for k in list(extra) if k not in accepted}
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, **extra)
+    for key, value in late.items():
+        # e.g. DPOTrainer takes no optimizer_cls_and_kwargs; the base Trainer reads the
+        # attribute when it creates the optimizer, so setting it before train() is enough.
+        setattr(trainer, key, value)
+    return trainer
+
+
+def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -> TrainResult:
+    """Train a preset and save the model (or adapter) and resolved preset to the output dir.
+
+    Args:
+        preset: from :func:`forge.load_preset`.
+        overwrite: allow writing into a non-empty output directory.
+        resume: True to continue from the newest checkpoint in the output directory, or a
+            checkpoint path.
+
+    Returns:
+        A :class:`TrainResult` with the output directory and the final metrics.
+
+    Raises:
+        ForgeError: any mistake in the preset, the data or the paths, in one line.
+    """
+    output_dir = preset.get_args_dict()["output_dir"]
+    check_output_dir(output_dir, overwrite, bool(resume))
+    trainer = build_trainer(preset)
+    if resume is True and not _has_checkpoint(output_dir):
+        raise ForgeError(f"--resume: no checkpoint-* directory in '{output_dir}'")
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        Path(output_dir, PRESET_FILE).write_text(preset.to_yaml(), encoding="utf-8")
+    return TrainResult(output_dir=output_dir, metrics=dict(result.metrics),
+                       log_history=list(trainer.state.log_history), trainer=trainer)
+
+
+def _has_checkpoint(output_dir: str) -> bool:
+    return any(p.is_dir() for p in Path(output_dir).glob("checkpoint-*"))

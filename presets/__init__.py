@@ -1,0 +1,1 @@
+"""Shipped YAML presets, installed as data (see ``forge.presets.presets_dir``)."""
