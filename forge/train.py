@@ -136,6 +136,8 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         Path(output_dir, PRESET_FILE).write_text(preset.to_yaml(), encoding="utf-8")
+        # The loss curve and metrics, in the Trainer's own format, for reports and tests.
+        trainer.state.save_to_json(str(Path(output_dir, "trainer_state.json")))
     return TrainResult(output_dir=output_dir, metrics=dict(result.metrics),
                        log_history=list(trainer.state.log_history), trainer=trainer)
 
