@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -90,8 +89,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    if quantization_config is not None and importlib.util.find_spec("bitsandbytes") is None:
-        raise ForgeError("model.quantization needs bitsandbytes: pip install bitsandbytes")
+    if quantization_config is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ForgeError("model.quantization needs bitsandbytes: pip install bitsandbytes") from None
     kwargs: dict[str, Any] = {
         "dtype": _torch_dtype(model.dtype),
         "revision": model.revision,

@@ -215,9 +215,11 @@ class Preset:
     def training_args(self) -> Any:
         """The real ``trl.SFTConfig`` (method sft) or ``trl.DPOConfig`` (method dpo).
 
-        Unlike :meth:`get_args_dict`, this fills in the one default that depends on the
-        hardware: TRL turns bf16 on unless told otherwise, which fails on a machine without
-        a bf16-capable accelerator, so there forge turns it off (unless the preset sets it).
+        Unlike :meth:`get_args_dict`, this fills in the defaults that depend on the
+        hardware, where the preset leaves them unset. On a machine with no accelerator:
+        ``bf16`` off (TRL turns it on by default, which fails there) and ``use_cpu`` on
+        (without it, accelerate does not see a ``torchrun`` launch on CPU as distributed
+        and each process trains alone).
 
         Raises:
             ForgeError: the arguments contradict each other (TrainingArguments' own checks).
@@ -225,6 +227,8 @@ class Preset:
         args = self.get_args_dict()
         if "bf16" not in args and "fp16" not in args and not _bf16_accelerator():
             args["bf16"] = False
+        if "use_cpu" not in args and not _any_accelerator():
+            args["use_cpu"] = True
         try:
             return training_config_class(self.method)(**args)
         except (ValueError, TypeError) as err:
@@ -270,6 +274,18 @@ def _bf16_accelerator() -> bool:
         return torch.cuda.is_bf16_supported()
     xpu = getattr(torch, "xpu", None)
     return bool(xpu is not None and xpu.is_available())
+
+
+def _any_accelerator() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "mps", "npu"):
+        backend = getattr(torch, name, None) or getattr(torch.backends, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
 
 
 def load_preset(

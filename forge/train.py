@@ -129,9 +129,9 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
     """
     output_dir = preset.get_args_dict()["output_dir"]
     check_output_dir(output_dir, overwrite, bool(resume))
-    trainer = build_trainer(preset)
     if resume is True and not _has_checkpoint(output_dir):
         raise ForgeError(f"--resume: no checkpoint-* directory in '{output_dir}'")
+    trainer = build_trainer(preset)
     result = trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
