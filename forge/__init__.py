@@ -1,23 +1,71 @@
 """forge: drop-in fine-tuning pieces and YAML presets for HuggingFace Transformers.
 
+Everything public is importable from here; the feature modules load on first use, so
+``import forge`` stays quick and pulls in no tracker or kernel code.
+
 Example:
     >>> import forge
     >>> preset = forge.load_preset("lora", ["training.max_steps=100"])
     >>> args, lora = preset.training_args(), preset.peft_config()
+    >>> callbacks = [forge.EMACallback(decay=0.999), forge.GradientMonitor()]
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from forge.errors import ConfigError, ForgeError
 from forge.presets import Preset, list_presets, load_preset
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it (imported lazily by __getattr__)
+_LAZY: dict[str, str] = {
+    "train": "forge.runner", "build_trainer": "forge.runner", "TrainResult": "forge.runner",
+    "load_examples": "forge.data", "load_model": "forge.modeling", "load_tokenizer": "forge.modeling",
+    # EMA weights
+    "EMAWeights": "forge.ema", "EMACallback": "forge.ema", "EMAConfig": "forge.ema",
+    # layers: discovery, freezing, schedules, layer-wise LR, automatic freeze choice
+    "find_layers": "forge.layers", "freeze_layers": "forge.layers", "unfreeze_all": "forge.layers",
+    "freeze_table": "forge.layers", "LayerInfo": "forge.layers", "FreezeReport": "forge.layers",
+    "GradualUnfreezingCallback": "forge.freeze_schedules", "LPLoRACallback": "forge.freeze_schedules",
+    "LISACallback": "forge.freeze_schedules", "layerwise_lr_groups": "forge.llrd",
+    "layerwise_lr_optimizer": "forge.llrd", "suggest_freeze": "forge.suggest_freeze",
+    "FreezeSuggestion": "forge.suggest_freeze", "FreezeConfig": "forge.freeze",
+    # adaptive token-level loss on the fused chunked linear + cross-entropy
+    "fused_linear_cross_entropy": "forge.loss", "AdaptiveLoss": "forge.loss",
+    "LossConfig": "forge.loss", "focal": "forge.loss", "dft": "forge.loss",
+    "entropy": "forge.loss", "hard_tokens": "forge.loss", "response_only": "forge.loss",
+    "example_weights": "forge.loss", "custom": "forge.loss",
+    # training monitor
+    "GradientMonitor": "forge.monitor", "MonitorConfig": "forge.monitor",
+    "GradientAnomalyError": "forge.monitor", "Anomaly": "forge.monitor",
+    # batch-size autotuning
+    "autotune_batch_size": "forge.autotune", "autotune_preset": "forge.autotune",
+    "AutotuneResult": "forge.autotune", "AutotuneCallback": "forge.autotune",
+    "AutotuneConfig": "forge.autotune",
+    # trackers and report
+    "ForgeTensorBoardCallback": "forge.trackers", "ForgeWandbCallback": "forge.trackers",
+    "ForgeMLflowCallback": "forge.trackers", "TensorBoardSpec": "forge.trackers",
+    "WandbSpec": "forge.trackers", "MLflowSpec": "forge.trackers",
+    "MissingTrackerError": "forge.trackers", "parse_trackers": "forge.trackers",
+    "write_report": "forge.report",
+}
 
-def train(*args, **kwargs):
-    """Train a preset end to end; see :func:`forge.train.train`."""
-    from forge.train import train as _train
 
-    return _train(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forge' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
-__all__ = ["ConfigError", "ForgeError", "Preset", "list_presets", "load_preset", "train",
-           "__version__"]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["ConfigError", "ForgeError", "Preset", "list_presets", "load_preset", "__version__",
+           *_LAZY]

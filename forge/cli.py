@@ -1,6 +1,8 @@
 """The ``forge`` command line.
 
     forge train [PRESET] [--set KEY=VALUE ...] [--model M] [--data D] [--output-dir O]
+    forge autotune [PRESET] --max-memory 20GB [--target-global-batch 64]
+    forge report RUN_DIR
     forge presets list
     forge presets show NAME [--set KEY=VALUE ...]
 
@@ -48,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                        help="continue from the newest checkpoint in the output dir, or CHECKPOINT")
 
+    autotune = sub.add_parser(
+        "autotune", help="find the largest batch that fits, keeping the global batch")
+    autotune.add_argument("preset", nargs="?", default="demo",
+                          help="shipped preset name or a YAML file")
+    _add_override_options(autotune)
+    autotune.add_argument("--max-memory", help="memory budget, e.g. 20GB (required on CPU)")
+    autotune.add_argument("--target-global-batch", type=int,
+                          help="examples per optimizer step across all devices")
+
+    report = sub.add_parser("report", help="HTML report with plots from a run's own files")
+    report.add_argument("run_dir", help="a forge train output directory")
+    report.add_argument("--out", help="where to write the report (default: RUN_DIR/report)")
+
     presets = sub.add_parser("presets", help="list or show the shipped presets")
     presets_sub = presets.add_subparsers(dest="presets_command", required=True)
     presets_sub.add_parser("list", help="name and one-line description of each preset")
@@ -77,7 +92,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from forge.train import train
+    from forge.runner import train
 
     preset = _load(args)
     result = train(preset, overwrite=args.overwrite, resume=args.resume)
@@ -104,6 +119,22 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_autotune(args: argparse.Namespace) -> int:
+    from forge.autotune import autotune_preset, format_table
+
+    result = autotune_preset(_load(args), max_memory=args.max_memory,
+                             target_global_batch=args.target_global_batch)
+    print(format_table(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from forge.report import write_report
+
+    print(f"forge: report written to {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``forge`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -114,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     # fallback it uses is correct, and forge never downloads kernels.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        return cmd_presets(args)
+        commands = {"train": cmd_train, "autotune": cmd_autotune, "report": cmd_report,
+                    "presets": cmd_presets}
+        return commands[args.command](args)
     except ForgeError as err:
         for line in str(err).splitlines():
             print(f"forge: error: {line}", file=sys.stderr)

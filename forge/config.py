@@ -25,7 +25,6 @@ from typing import Any
 from forge._typecheck import coerce, describe, did_you_mean
 
 METHODS = ("sft", "dpo")
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "preference")
 
@@ -109,13 +108,17 @@ class DataConfig:
 
 
 # Forge feature sections live in the module that implements the feature.
+# `autotune` is applied before the others (it changes the batch they see); see forge.runner.
 FEATURE_SECTIONS: dict[str, str] = {
+    "autotune": "forge.autotune:AutotuneConfig",
     "ema": "forge.ema:EMAConfig",
-    "freeze": "forge.layers:FreezeConfig",
+    "freeze": "forge.freeze:FreezeConfig",
     "loss": "forge.loss:LossConfig",
     "monitor": "forge.monitor:MonitorConfig",
 }
-PLANNED_SECTIONS = ("autotune",)
+PLANNED_SECTIONS: tuple[str, ...] = ()
+# `ema: true` is short for `ema: {enabled: true}` (and `false` for disabled).
+BOOL_SHORTHAND = tuple(FEATURE_SECTIONS)
 TOP_LEVEL = ("extends", "description", "method", "model", "data", "peft", "training",
              "trackers", *FEATURE_SECTIONS, *PLANNED_SECTIONS)
 # Keys forge sets from other sections; setting them under `training:` would be ambiguous.
@@ -259,25 +262,28 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
         training = {k: v for k, v in training.items() if k not in TRAINING_KEYS_ELSEWHERE}
     out["training"] = check.fields("training", training, _hints(training_cls))
 
-    trackers = preset.get("trackers") or []
-    if not isinstance(trackers, list):
-        check.add("trackers", f"expected a list such as [tensorboard], got {trackers!r}")
-        trackers = []
-    for i, name in enumerate(trackers):
-        if name not in TRACKERS:
-            check.add(f"trackers.{i}", f"unknown tracker {name!r}, expected one of "
-                      f"{', '.join(TRACKERS)}" + did_you_mean(str(name), TRACKERS))
-    out["trackers"] = [t for t in trackers if t in TRACKERS]
+    from forge.trackers import parse_trackers, specs_to_config
+
+    specs, problems = parse_trackers(preset.get("trackers"))
+    for problem in problems:
+        key, _, message = problem.partition(": ")
+        check.add(key, message)
+    out["trackers"] = specs_to_config(specs)
 
     for section in FEATURE_SECTIONS:
-        if preset.get(section) is None:
+        value = preset.get(section)
+        if value is None:
             continue
-        try:
-            cls = feature_config_class(section)
-        except (ImportError, AttributeError):
-            check.add(section, "this section is not available in this forge version")
-            continue
-        out[section] = check.fields(section, preset[section], _hints(cls))
+        if isinstance(value, bool):
+            value = {"enabled": value}
+        cls = feature_config_class(section)
+        fields = check.fields(section, value, _hints(cls))
+        try:  # the section's own cross-field checks (e.g. a decay outside (0, 1))
+            cls(**fields)
+        except (ValueError, TypeError) as err:
+            for line in str(err).strip().splitlines() or [type(err).__name__]:
+                check.add(section, line.strip().lstrip("-• ").strip())
+        out[section] = fields
 
     if check.problems:
         raise ConfigError(check.problems)

@@ -208,7 +208,7 @@ class Preset:
             args["packing"] = data.packing
         args.setdefault("output_dir", f"outputs/{self.name}")
         if self.config["trackers"]:
-            args["report_to"] = list(self.config["trackers"])
+            args["report_to"] = list(self.config["trackers"])  # the tracker names
         args.setdefault("report_to", "none")
         return args
 
@@ -253,6 +253,12 @@ class Preset:
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(**quant)
+
+    def tracker_specs(self) -> list[Any]:
+        """The ``trackers:`` section as :mod:`forge.trackers` specs (one per tracker)."""
+        from forge.trackers import parse_trackers
+
+        return parse_trackers(self.config["trackers"])[0]
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved preset: model and data with every default filled in."""

@@ -202,4 +202,9 @@ def test_get_args_dict_is_plain_and_maps_data_and_trackers():
 
 def test_top_level_api_is_exported():
     assert forge.load_preset is load_preset
-    assert callable(forge.train) and callable(forge.list_presets)
+    from forge import runner
+
+    assert forge.train is runner.train and callable(forge.list_presets)
+    assert forge.EMACallback.__name__ == "EMACallback"
+    with pytest.raises(AttributeError):
+        forge.no_such_name

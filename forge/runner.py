@@ -63,33 +63,52 @@ def load_datasets(preset: Preset) -> tuple[Any, Any]:
     return train_ds, eval_ds
 
 
-def feature_kwargs(preset: Preset, model: Any, args: Any) -> dict[str, Any]:
-    """Extra trainer arguments from the forge feature sections (``ema``, ``freeze``, ...).
+def feature_kwargs(preset: Preset, model: Any, args: Any, train_dataset: Any = None,
+                   tokenizer: Any = None) -> dict[str, Any]:
+    """Extra trainer arguments from the forge feature sections and the trackers.
 
     Each feature module's ``from_preset(cfg, model, args)`` returns trainer keyword
-    arguments; callbacks from all of them are concatenated.
+    arguments; callbacks from all of them are concatenated. ``autotune`` runs first, since
+    it changes the batch size in ``args`` that the others (and the trainer) then see; the
+    trackers come last, so they also see the features' figures.
     """
     out: dict[str, Any] = {"callbacks": []}
-    for section in FEATURE_SECTIONS:
-        cfg = preset.feature(section)
-        if cfg is None:
-            continue
-        module = importlib.import_module(FEATURE_SECTIONS[section].split(":")[0])
-        extra = module.from_preset(cfg, model, args)
+
+    def merge(section: str, extra: dict[str, Any]) -> None:
         out["callbacks"].extend(extra.pop("callbacks", []))
         for key, value in extra.items():
             if key in out:
                 raise ForgeError(f"{section}: conflicts with another section over '{key}'")
             out[key] = value
+
+    for section in FEATURE_SECTIONS:  # autotune is first in the table
+        cfg = preset.feature(section)
+        if cfg is None:
+            continue
+        module = importlib.import_module(FEATURE_SECTIONS[section].split(":")[0])
+        if section == "autotune":
+            merge(section, module.from_preset(cfg, model, args, train_dataset, tokenizer))
+        else:
+            merge(section, module.from_preset(cfg, model, args))
+    from forge import trackers
+
+    merge("trackers", trackers.from_preset(preset.tracker_specs(), model, args, preset.to_yaml()))
     return out
 
 
-def build_trainer(preset: Preset) -> Any:
-    """Load everything a preset names and return the ready TRL trainer (not yet trained)."""
+def build_trainer(preset: Preset, resume: bool | str = False) -> Any:
+    """Load everything a preset names and return the ready TRL trainer (not yet trained).
+
+    ``resume`` (True for the newest checkpoint in the output dir, or a path) is recorded in
+    ``args.resume_from_checkpoint`` so that features restore their state from it.
+    """
     import trl
     from transformers import set_seed
 
     args = preset.training_args()
+    if resume:
+        args.resume_from_checkpoint = (
+            get_last_checkpoint(args.output_dir) if resume is True else str(resume))
     if preset.data.eval_path or preset.data.eval_split or preset.data.eval_fraction:
         if "eval_strategy" not in preset.config["training"]:
             args.eval_strategy = "steps"  # an eval set the user gave should be used
@@ -99,7 +118,7 @@ def build_trainer(preset: Preset) -> Any:
     train_ds, eval_ds = load_datasets(preset)
     tokenizer = load_tokenizer(preset.model)
     model = load_model(preset.model, preset.quantization_config(), preset.peft_config())
-    extra = feature_kwargs(preset, model, args)
+    extra = feature_kwargs(preset, model, args, train_ds, tokenizer)
     trainer_cls = trl.SFTTrainer if preset.method == "sft" else trl.DPOTrainer
     accepted = inspect.signature(trainer_cls.__init__).parameters
     late = {k: extra.pop(k) for k in list(extra) if k not in accepted}
@@ -129,10 +148,12 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
     """
     output_dir = preset.get_args_dict()["output_dir"]
     check_output_dir(output_dir, overwrite, bool(resume))
-    if resume is True and not _has_checkpoint(output_dir):
+    if resume is True and get_last_checkpoint(output_dir) is None:
         raise ForgeError(f"--resume: no checkpoint-* directory in '{output_dir}'")
-    trainer = build_trainer(preset)
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise ForgeError(f"--resume: checkpoint '{resume}' not found")
+    trainer = build_trainer(preset, resume)
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         Path(output_dir, PRESET_FILE).write_text(preset.to_yaml(), encoding="utf-8")
@@ -142,5 +163,8 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
                        log_history=list(trainer.state.log_history), trainer=trainer)
 
 
-def _has_checkpoint(output_dir: str) -> bool:
-    return any(p.is_dir() for p in Path(output_dir).glob("checkpoint-*"))
+def get_last_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` directory in ``output_dir``, or None."""
+    from transformers.trainer_utils import get_last_checkpoint as _last
+
+    return _last(output_dir) if Path(output_dir).is_dir() else None
