@@ -34,10 +34,10 @@ _LAZY: dict[str, str] = {
     "layerwise_lr_optimizer": "forge.llrd", "suggest_freeze": "forge.suggest_freeze",
     "FreezeSuggestion": "forge.suggest_freeze", "FreezeConfig": "forge.freeze",
     # adaptive token-level loss on the fused chunked linear + cross-entropy
+    # (the strategy factories, e.g. forge.loss.focal, stay under forge.loss: too generic here)
     "fused_linear_cross_entropy": "forge.loss", "AdaptiveLoss": "forge.loss",
-    "LossConfig": "forge.loss", "focal": "forge.loss", "dft": "forge.loss",
-    "entropy": "forge.loss", "hard_tokens": "forge.loss", "response_only": "forge.loss",
-    "example_weights": "forge.loss", "custom": "forge.loss",
+    "LossConfig": "forge.loss", "use_fused_lm_head": "forge.loss", "restore_lm_head": "forge.loss",
+    "ExampleWeightCollator": "forge.loss", "TokenWeighting": "forge.loss",
     # training monitor
     "GradientMonitor": "forge.monitor", "MonitorConfig": "forge.monitor",
     "GradientAnomalyError": "forge.monitor", "Anomaly": "forge.monitor",
