@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forge.checkpoints import (CheckpointCompleteCallback, is_complete,
+                               last_complete_checkpoint, writes_markers)
 from forge.config import FEATURE_SECTIONS
 from forge.data import load_examples
 from forge.errors import ForgeError
@@ -93,6 +95,8 @@ def feature_kwargs(preset: Preset, model: Any, args: Any, train_dataset: Any = N
     from forge import trackers
 
     merge("trackers", trackers.from_preset(preset.tracker_specs(), model, args, preset.to_yaml()))
+    # Last, so it marks a checkpoint complete only after every other callback saved into it.
+    out["callbacks"].append(CheckpointCompleteCallback())
     return out
 
 
@@ -149,9 +153,11 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
     output_dir = preset.get_args_dict()["output_dir"]
     check_output_dir(output_dir, overwrite, bool(resume))
     if resume is True and get_last_checkpoint(output_dir) is None:
-        raise ForgeError(f"--resume: no checkpoint-* directory in '{output_dir}'")
+        raise ForgeError(f"--resume: no complete checkpoint-* directory in '{output_dir}'")
     if isinstance(resume, str) and not Path(resume).is_dir():
         raise ForgeError(f"--resume: checkpoint '{resume}' not found")
+    if isinstance(resume, str) and not is_complete(resume, writes_markers(Path(resume).parent)):
+        raise ForgeError(f"--resume: checkpoint '{resume}' is incomplete (an interrupted save?)")
     trainer = build_trainer(preset, resume)
     result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(output_dir)
@@ -164,7 +170,5 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
 
 
 def get_last_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` directory in ``output_dir``, or None."""
-    from transformers.trainer_utils import get_last_checkpoint as _last
-
-    return _last(output_dir) if Path(output_dir).is_dir() else None
+    """The newest complete ``checkpoint-N`` directory in ``output_dir``, or None."""
+    return last_complete_checkpoint(output_dir)

@@ -92,7 +92,7 @@ CASES = [
     ("output-dir-not-empty", {"o/keep.txt": "mine"}, ["train", "demo", "--output-dir", "o"],
      "exists and is not empty"),
     ("resume-without-checkpoint", {}, ["train", "demo", "--resume", "--max-steps", "1"],
-     "--resume: no checkpoint-* directory"),
+     "--resume: no complete checkpoint-* directory"),
 ]
 
 
