@@ -32,9 +32,9 @@ from forge.errors import ForgeError
 STATE_FILE = "trainer_state.json"
 MONITOR_FILE = "monitor_summary.json"
 PRESET_FILE = "forge_preset.yaml"
-# Forge figures are logged under forge/; runs made before the rename used monitor/.
-PREFIXES = ("forge/", "monitor/")
-_NORM_KEY = re.compile(r"^(?:forge|monitor)/grad_norm/(.+)$")
+# Forge figures are logged under forge/ (the monitor's per-block norms among them).
+PREFIXES = ("forge/",)
+_NORM_KEY = re.compile(r"^forge/grad_norm/(.+)$")
 
 
 @dataclass

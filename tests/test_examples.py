@@ -17,6 +17,7 @@ EXPECTED = {
     "freeze_layers_trainer.py": ["frozen tensors bit-identical after training: True",
                                  "<- chosen", "LISA draws:"],
     "adaptive_loss_trainer.py": ["fused loss matches standard"],
+    "gradient_monitor_trainer.py": ["last log:"],
     "preset_in_python.py": ["lora preset in plain TRL: loss"],
 }
 
