@@ -10,7 +10,6 @@ find the checkpoint to resume from), so it looks them up on the call stack once,
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import weakref
@@ -21,34 +20,11 @@ from transformers import TrainerCallback
 
 from forge._ema_core import EMAWeights
 from forge._ema_schedule import SCHEDULE_KEYS, as_dtype, check_settings, run_length_advice
+from forge._trainer_lookup import find_trainer_on_stack
 
 logger = logging.getLogger("forge.ema")
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
-
-
-def find_trainer_on_stack(max_depth: int = 16) -> tuple[Any | None, str | None]:
-    """The ``Trainer`` whose training loop is running, and its resume path, if any.
-
-    Walks up from the caller to the first frame whose ``self`` is a ``transformers.Trainer``
-    (``_inner_training_loop`` calls the callback handler, which calls the callback).
-    """
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back if frame is not None else None
-        for _ in range(max_depth):
-            if f is None:
-                break
-            owner = f.f_locals.get("self")
-            if isinstance(owner, Trainer):
-                resume = f.f_locals.get("resume_from_checkpoint")
-                return owner, os.fspath(resume) if isinstance(resume, (str, os.PathLike)) else None
-            f = f.f_back
-    finally:
-        del frame  # frames hold references to every local above us
-    return None, None
 
 
 def checkpoint_candidates(explicit: str | None, stack: str | None, args: Any, global_step: int) -> list[str]:

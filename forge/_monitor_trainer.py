@@ -10,33 +10,11 @@ is calling it once per ``train()``, and every change it makes here is undone at 
 from __future__ import annotations
 
 import copy
-import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
 _PRINTERS = {"ProgressCallback", "PrinterCallback", "NotebookProgressCallback"}
-
-
-def find_trainer(max_depth: int = 16) -> tuple[Any | None, str | None]:
-    """The ``transformers.Trainer`` on the call stack and the checkpoint it resumes from.
-
-    Called from a callback event, the chain is ``Trainer._inner_training_loop`` ->
-    ``CallbackHandler.on_*`` -> ``CallbackHandler.call_event`` -> the callback; the loop's
-    ``resume_from_checkpoint`` argument is the resolved checkpoint directory, or None.
-    """
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            break
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            resume = frame.f_locals.get("resume_from_checkpoint")
-            return candidate, resume if isinstance(resume, str) else None
-        frame = frame.f_back
-    return None, None
 
 
 def put_ahead_of_trackers(handler: Any, callback: Any) -> None:

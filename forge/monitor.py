@@ -24,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from forge import _monitor_trainer as glue
+from forge._trainer_lookup import find_trainer_on_stack
 from forge._monitor_core import MonitorCore
 from forge._monitor_detect import KINDS, Anomaly, GradientAnomalyError
 from forge._monitor_report import format_summary, write_json
@@ -306,7 +307,7 @@ class GradientMonitor(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None,
                        lr_scheduler=None, **kwargs):
-        self._trainer, resume = glue.find_trainer()
+        self._trainer, resume = find_trainer_on_stack()
         trainer = self._trainer
         self.attach(model)
         self._core.is_main = state.is_world_process_zero

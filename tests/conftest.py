@@ -45,3 +45,14 @@ def make_tiny_llama(
 def tiny_llama():
     """Factory fixture: ``tiny_llama(seed=0, num_hidden_layers=2, ...)``."""
     return make_tiny_llama
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny models on a shared 2-core box thrash with more."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

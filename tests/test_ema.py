@@ -4,7 +4,6 @@ callback (resume, eval, save), PEFT/QLoRA, two-process DDP and FSDP2, and the sh
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess

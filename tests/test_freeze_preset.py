@@ -14,12 +14,7 @@ from forge.freeze_schedules import GradualUnfreezingCallback, LISACallback, LPLo
 from forge.llrd import LayerwiseLRDecayFactory
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_field_has_help_and_defaults_validate():

@@ -14,12 +14,7 @@ from transformers import Trainer, TrainerCallback
 from forge.freeze_schedules import GradualUnfreezingCallback, LISACallback, LPLoRACallback
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(TrainerCallback):

@@ -12,13 +12,7 @@ NAMES = list(FAMILIES)
 TRAIN_FAMILIES = ["llama", "gpt2", "gpt_neox", "opt", "falcon", "t5", "bert"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several workers: one intra-op thread avoids oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainable(model) -> set[str]:

@@ -12,12 +12,7 @@ from forge.layers import freeze_layers
 from forge.llrd import layerwise_lr_groups, layerwise_lr_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(model, name, base_lr, decay, weight_decay):

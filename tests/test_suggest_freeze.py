@@ -28,12 +28,7 @@ CONFIG = {
 BATCH, SEQ = 4, 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(config=CONFIG, seed=0):
