@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from forge._memory import LiveBytes
 
 OOM_MARKERS = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
                "CUDNN_STATUS_NOT_SUPPORTED", "DefaultCPUAllocator")
@@ -69,39 +68,6 @@ def model_bytes(model: nn.Module) -> int:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors an optimizer keeps per parameter (moments, step counters)."""
     return storage_bytes(v for state in optimizer.state.values() for v in state.values())
-
-
-class LivePeak(TorchDispatchMode):
-    """High-water mark of the bytes of tensor storages created inside the context.
-
-    Each new storage is counted when an operator returns it and uncounted when it is freed
-    (a weak reference's callback), so the peak is exact on any device.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._refs: dict[int, Any] = {}
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._refs.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key in self._refs:
-                continue
-            nbytes = storage.nbytes()
-            self.live += nbytes
-            self._refs[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, n))
-        self.peak = max(self.peak, self.live)
-        return out
 
 
 class StepProbe:
@@ -199,11 +165,11 @@ class StepProbe:
 
     def _eval_step(self, batch: int) -> int:
         inputs = self._batch(batch)
-        tracker = LivePeak() if self.mode == "accounting" else contextlib.nullcontext()
+        tracker = LiveBytes() if self.mode == "accounting" else contextlib.nullcontext()
         with torch.no_grad(), self._autocast(), tracker:
             loss = self._loss(inputs)
             del loss
-        return model_bytes(self.model) + (tracker.peak if isinstance(tracker, LivePeak) else 0)
+        return model_bytes(self.model) + (tracker.peak if isinstance(tracker, LiveBytes) else 0)
 
     def __call__(self, batch: int) -> int | None:
         was_training = self.model.training
