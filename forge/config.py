@@ -240,6 +240,12 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
     frac = out["data"].get("eval_fraction")
     if frac is not None and not 0.0 < frac < 1.0:
         check.add("data.eval_fraction", f"expected a fraction between 0 and 1, got {frac!r}")
+    if method == "dpo" and preset.get("loss") is not None:
+        check.add("loss", "the token-level loss applies to sft only; DPO has its own loss "
+                  "(training.loss_type)")
+    freeze = preset.get("freeze")
+    if method == "dpo" and (freeze is True or isinstance(freeze, dict) and freeze.get("enabled")):
+        check.add("freeze", "freezing blocks is not supported with dpo yet (see docs/layers.md)")
     if method == "dpo" and out["data"].get("packing"):
         check.add("data.packing", "packing applies to sft only; set it to false for dpo")
 

@@ -128,11 +128,29 @@ def build_trainer(preset: Preset, resume: bool | str = False) -> Any:
     late = {k: extra.pop(k) for k in list(extra) if k not in accepted}
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, **extra)
+    if preset.quantization_config() is not None:
+        _keep_adapters_in_float32(trainer.model)
     for key, value in late.items():
         # e.g. DPOTrainer takes no optimizer_cls_and_kwargs; the base Trainer reads the
         # attribute when it creates the optimizer, so setting it before train() is enough.
         setattr(trainer, key, value)
     return trainer
+
+
+def _keep_adapters_in_float32(model: Any) -> None:
+    """Undo TRL's cast of QLoRA adapters to bf16, so resumed runs train what the first did.
+
+    TRL's SFTTrainer casts the trainable adapter weights of a quantized model to bf16, but on
+    resume transformers reloads them from the checkpoint in float32 (PEFT's default), so a
+    resumed QLoRA run would silently train in another dtype than the run it continues. forge
+    keeps them in float32 from the start: exact resume, and adapter updates that bf16 would
+    round away are kept (the adapters are a few MB, so the memory cost is small).
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
 
 
 def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -> TrainResult:
