@@ -107,6 +107,11 @@ class DataConfig:
     )
 
 
+def has_eval(data: DataConfig) -> bool:
+    """Whether a ``data:`` section asks for an evaluation set."""
+    return bool(data.eval_path or data.eval_split or data.eval_fraction)
+
+
 # Forge feature sections live in the module that implements the feature.
 # `autotune` is applied before the others (it changes the batch they see); see forge.runner.
 FEATURE_SECTIONS: dict[str, str] = {
@@ -116,11 +121,8 @@ FEATURE_SECTIONS: dict[str, str] = {
     "loss": "forge.loss:LossConfig",
     "monitor": "forge.monitor:MonitorConfig",
 }
-PLANNED_SECTIONS: tuple[str, ...] = ()
-# `ema: true` is short for `ema: {enabled: true}` (and `false` for disabled).
-BOOL_SHORTHAND = tuple(FEATURE_SECTIONS)
 TOP_LEVEL = ("extends", "description", "method", "model", "data", "peft", "training",
-             "trackers", *FEATURE_SECTIONS, *PLANNED_SECTIONS)
+             "trackers", *FEATURE_SECTIONS)
 # Keys forge sets from other sections; setting them under `training:` would be ambiguous.
 TRAINING_KEYS_ELSEWHERE = {
     "max_length": "data.max_length",
@@ -208,8 +210,6 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
     for key in preset:
         if key not in TOP_LEVEL:
             check.add(str(key), "unknown section" + did_you_mean(str(key), TOP_LEVEL))
-        elif key in PLANNED_SECTIONS:
-            check.add(key, "this section is planned but not available in this forge version")
 
     method = preset.get("method", "sft")
     if method not in METHODS:
@@ -280,7 +280,7 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
         value = preset.get(section)
         if value is None:
             continue
-        if isinstance(value, bool):
+        if isinstance(value, bool):  # `ema: true` is short for `ema: {enabled: true}`
             value = {"enabled": value}
         cls = feature_config_class(section)
         fields = check.fields(section, value, _hints(cls))

@@ -19,7 +19,7 @@ from typing import Any
 
 from forge.checkpoints import (CheckpointCompleteCallback, is_complete,
                                last_complete_checkpoint, writes_markers)
-from forge.config import FEATURE_SECTIONS
+from forge.config import FEATURE_SECTIONS, has_eval
 from forge.data import load_examples
 from forge.errors import ForgeError
 from forge.modeling import load_model, load_tokenizer
@@ -113,22 +113,22 @@ def build_trainer(preset: Preset, resume: bool | str = False) -> Any:
     if resume:
         args.resume_from_checkpoint = (
             get_last_checkpoint(args.output_dir) if resume is True else str(resume))
-    if preset.data.eval_path or preset.data.eval_split or preset.data.eval_fraction:
-        if "eval_strategy" not in preset.config["training"]:
-            args.eval_strategy = "steps"  # an eval set the user gave should be used
+    if has_eval(preset.data) and "eval_strategy" not in preset.config["training"]:
+        args.eval_strategy = "steps"  # an eval set the user gave should be used
     # Seed before the model loads, so LoRA's random init is reproducible too.
     set_seed(args.seed)
     # Cheapest checks first: a bad data row should not wait for a model download.
     train_ds, eval_ds = load_datasets(preset)
     tokenizer = load_tokenizer(preset.model)
-    model = load_model(preset.model, preset.quantization_config(), preset.peft_config())
+    quantization = preset.quantization_config()
+    model = load_model(preset.model, quantization, preset.peft_config())
     extra = feature_kwargs(preset, model, args, train_ds, tokenizer)
     trainer_cls = trl.SFTTrainer if preset.method == "sft" else trl.DPOTrainer
     accepted = inspect.signature(trainer_cls.__init__).parameters
     late = {k: extra.pop(k) for k in list(extra) if k not in accepted}
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, **extra)
-    if preset.quantization_config() is not None:
+    if quantization is not None:
         _keep_adapters_in_float32(trainer.model)
     for key, value in late.items():
         # e.g. DPOTrainer takes no optimizer_cls_and_kwargs; the base Trainer reads the
