@@ -15,10 +15,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import logging
+
 from forge.errors import ConfigError, ForgeError
 from forge.presets import Preset, list_presets, load_preset
 
 __version__ = "0.1.0"
+
+
+class _DropBitsandbytesKernelNotice(logging.Filter):
+    """bitsandbytes looks for an optional Hub kernel on CPUs with AVX512-BF16 and logs a
+    warning when it is absent; its own fallback is correct and forge never downloads
+    kernels, so the line only reads like an error to a user. Only that one message goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# A filter on a named logger costs nothing and imports nothing (bitsandbytes stays lazy).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelNotice())
 
 # public name -> module that defines it (imported lazily by __getattr__)
 _LAZY: dict[str, str] = {

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 from forge._typecheck import describe
 from forge.config import FEATURE_SECTIONS, DataConfig, ModelConfig, _hints, feature_config_class
@@ -123,6 +122,11 @@ MEANINGS = {
 }
 
 
+# The docs page of each feature section (tests check that every one exists).
+DOC_PAGES = {"autotune": "docs/autotune.md", "ema": "docs/ema.md", "freeze": "docs/layers.md",
+             "loss": "docs/loss.md", "monitor": "docs/monitor.md"}
+
+
 def _section_table(name: str, cls: type) -> str:
     rows = [f"### `{name}`\n", (cls.__doc__ or "").strip().splitlines()[0], "",
             "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
@@ -154,9 +158,8 @@ def render() -> str:
             cls = feature_config_class(section)
         except (ImportError, AttributeError):
             continue
-        module = importlib.import_module(FEATURE_SECTIONS[section].split(":")[0])
-        doc = f"docs/{module.__name__.split('.')[-1]}.md"
-        parts.append(_section_table(section, cls) + f"\nSee `{doc}`.\n")
+        doc = DOC_PAGES[section]
+        parts.append(_section_table(section, cls) + f"\nSee [{doc}]({doc.removeprefix('docs/')}).\n")
     return "\n".join(parts)
 
 

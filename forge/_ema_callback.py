@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from forge._console import note
 from forge._ema_core import EMAWeights
 from forge._ema_schedule import SCHEDULE_KEYS, as_dtype, check_settings, run_length_advice
 from forge._trainer_lookup import find_trainer_on_stack
@@ -69,13 +70,24 @@ def run_ema_evaluation(trainer: Any, dataloader: Any, prefix: str) -> dict[str, 
         prediction_loss_only=True if trainer.compute_metrics is None else None,
         metric_key_prefix=prefix,
     )
+    metrics = dict(output.metrics)
+    # TRL trainers collect their own evaluation figures (token accuracy, entropy, rewards)
+    # in `_metrics["eval"]` and add them under `eval_*` at the next log; taken here, they
+    # are the EMA pass's and must carry its prefix, never overwrite the raw pass's values.
+    store = getattr(trainer, "_metrics", None)
+    collected = store.get("eval") if isinstance(store, dict) else None
+    if collected:
+        for key, values in collected.items():
+            if values:
+                metrics[f"{prefix}_{key}"] = float(sum(values) / len(values))
+        collected.clear()
     # The progress callback closes its evaluation bar in on_evaluate, which already ran.
     for callback in trainer.callback_handler.callbacks:
         bar = getattr(callback, "prediction_bar", None)
         if bar is not None:
             bar.close()
             callback.prediction_bar = None
-    return dict(output.metrics)
+    return metrics
 
 
 class EMACallback(TrainerCallback):
@@ -178,6 +190,11 @@ class EMACallback(TrainerCallback):
         if state.global_step > 0:
             self._restore(args, state, stack_resume)
         if state.is_world_process_zero:
+            ema = self.ema
+            numel = sum(t.numel() for t in ema.shadow.values())
+            note(f"ema: averaging {numel:,} parameters in {len(ema.shadow)} tensors "
+                 f"({ema.nbytes / 2**20:.1f} MiB, {ema.settings()['dtype']}), decay {ema.decay}"
+                 + (", from the checkpoint's EMA" if state.global_step > 0 else ""))
             advice = run_length_advice(
                 state.max_steps,
                 sum(p.numel() for p in model.parameters()),

@@ -98,13 +98,19 @@ def run_length_advice(
     decay = float(schedule["decay"])  # type: ignore[arg-type]
     averaged = max(1, total_steps - int(schedule.get("update_after_step") or 0))
     # exp(-5) < 1%: a window of a fifth of the run lets the average forget its start.
-    suggested = max(0.0, 1.0 - 5.0 / averaged)
+    suggested = 1.0 - 5.0 / averaged
+    window = f"roughly {1 / (1 - decay):,.0f}" if decay < 1.0 else "all"
     text = (
-        f"EMA: decay={decay} averages over roughly {1 / (1 - decay):,.0f} optimizer steps, but this run "
+        f"EMA: decay={decay} averages over {window} optimizer steps, but this run "
         f"averages over {averaged:,}; at the end {share:.1%} of the EMA will still be the starting "
-        f"weights, so it will mostly lag behind training. For this run length use decay <= "
-        f"{suggested:.4f} (or warmup='power')."
+        f"weights, so it will mostly lag behind training."
     )
+    if suggested < 0.5:
+        # A window under two steps is no average at all: no decay makes such a run worth an EMA.
+        text += (f" {averaged:,} steps are too few for any EMA to help: train for more steps "
+                 "or leave EMA off.")
+    else:
+        text += f" For this run length use decay <= {math.floor(suggested * 1e4) / 1e4:.4f} (or warmup='power')."
     if num_params < 1_000_000_000:
         text += (
             f" Expect little from EMA on a {num_params / 1e6:,.1f}M-parameter model over a short run: "

@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from forge._console import note
 from forge._autotune_data import format_bytes, is_preference, parse_memory, sequence_length
 from forge._autotune_probe import (StepProbe, agree_across_ranks, as_trained, autocast_dtype,
                                    budget_bytes, is_trainer, optimizer_factory, storage_bytes,
@@ -370,6 +371,9 @@ def from_preset(cfg: AutotuneConfig, model: nn.Module, training_args: Any, train
                               _evaluating(training_args), apply=True)
     if getattr(training_args, "process_index", 0) == 0:
         print(format_table(result), flush=True)
+    note(f"autotune: per_device_train_batch_size {result.per_device_train_batch_size} x "
+         f"gradient_accumulation_steps {result.gradient_accumulation_steps} x {result.world_size} "
+         f"process(es) = global batch {result.global_batch}")
     return {"callbacks": [AutotuneCallback(result)]}
 
 

@@ -14,7 +14,7 @@ unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import sys
 import warnings
@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a preset (default: the offline demo)")
-    train.add_argument("preset", nargs="?", default="demo",
-                       help="shipped preset name (see `forge presets list`) or a YAML file")
+    train.add_argument("preset", nargs="?", default=None,
+                       help="shipped preset name (see `forge presets list`) or a YAML file; "
+                       "default: the run's own forge_preset.yaml with --resume, else the demo")
     _add_override_options(train)
     train.add_argument("--overwrite", action="store_true",
                        help="allow writing into a non-empty output directory")
@@ -88,7 +89,37 @@ def _load(args: argparse.Namespace):
     from forge.presets import load_preset, parse_override
 
     pairs = [o if isinstance(o, tuple) else parse_override(o) for o in _overrides(args)]
-    return load_preset(args.preset, dict(pairs))
+    preset = args.preset
+    if preset is None:
+        preset, run_dir = _preset_of_resumed_run(args)
+        if run_dir is not None and args.output_dir is None:
+            # The run continues where it was: its own directory, not outputs/forge_preset.
+            pairs.append(("training.output_dir", run_dir))
+    return load_preset(preset, dict(pairs))
+
+
+def _preset_of_resumed_run(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``forge train --resume [CHECKPOINT]`` without a preset: the run's own preset file.
+
+    Returns the preset to load and the run directory it belongs to (None: the demo).
+    """
+    from pathlib import Path
+
+    from forge.errors import ForgeError
+    from forge.runner import PRESET_FILE
+
+    resume = getattr(args, "resume", False)
+    if not resume:
+        return "demo", None
+    run_dir = Path(resume).parent if isinstance(resume, str) else (
+        Path(args.output_dir) if args.output_dir else None)
+    if run_dir is None:
+        return "demo", None
+    if not (run_dir / PRESET_FILE).is_file():
+        raise ForgeError(f"--resume: no {PRESET_FILE} in '{run_dir}' to tell which preset that run "
+                         f"used; name it: forge train PRESET --resume {resume if isinstance(resume, str) else ''}"
+                         .rstrip())
+    return str(run_dir / PRESET_FILE), str(run_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -115,7 +146,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
         for name, description in presets.items():
             print(f"{name:<{width}}  {description}")
         return 0
-    print(_load(args).to_yaml(), end="")
+    # stdout carries the YAML alone (`forge presets show lora > mine.yaml` must parse):
+    # whatever a library prints while the preset loads goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        text = _load(args).to_yaml()
+    print(text, end="")
     return 0
 
 
@@ -141,9 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers 5 warns about an alias TRL itself sets; it is noise to a forge user.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
-    # bitsandbytes looks for an optional Hub kernel on some CPUs and logs its absence; the
-    # fallback it uses is correct, and forge never downloads kernels.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         commands = {"train": cmd_train, "autotune": cmd_autotune, "report": cmd_report,
                     "presets": cmd_presets}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from forge._typecheck import coerce, describe, did_you_mean
 
 METHODS = ("sft", "dpo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "preference")
+DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "preference", "implicit_preference")
 
 
 @dataclass
@@ -132,6 +133,59 @@ TRAINING_KEYS_ELSEWHERE = {
 }
 
 
+# Ranges of the numeric keys a hurried user gets wrong; checked before anything loads, so a
+# batch of 0 or a negative learning rate is one line at once, not a traceback after the model
+# load. Each is (low, high, "[" or "(" for the low end, "]" or ")" for the high end); None
+# is unbounded. Every float, in any section, must also be finite.
+RANGES: dict[str, tuple[float | None, float | None, str, str]] = {
+    "training.learning_rate": (0, None, "[", "]"),
+    "training.weight_decay": (0, None, "[", "]"),
+    "training.max_grad_norm": (0, None, "[", "]"),
+    "training.adam_beta1": (0, 1, "[", ")"),
+    "training.adam_beta2": (0, 1, "[", ")"),
+    "training.adam_epsilon": (0, None, "(", "]"),
+    "training.num_train_epochs": (0, None, "(", "]"),
+    "training.per_device_train_batch_size": (1, None, "[", "]"),
+    "training.per_device_eval_batch_size": (1, None, "[", "]"),
+    "training.gradient_accumulation_steps": (1, None, "[", "]"),
+    "training.eval_accumulation_steps": (1, None, "[", "]"),
+    "training.warmup_steps": (0, None, "[", "]"),
+    "training.warmup_ratio": (0, 1, "[", "]"),
+    "training.logging_steps": (0, None, "(", "]"),
+    "training.save_steps": (0, None, "(", "]"),
+    "training.eval_steps": (0, None, "(", "]"),
+    "training.save_total_limit": (1, None, "[", "]"),
+    "training.seed": (0, None, "[", "]"),
+    "training.data_seed": (0, None, "[", "]"),
+    "training.dataloader_num_workers": (0, None, "[", "]"),
+    "training.label_smoothing_factor": (0, 1, "[", ")"),
+    "training.beta": (0, None, "(", "]"),
+    "data.max_length": (1, None, "[", "]"),
+    "data.max_samples": (1, None, "[", "]"),
+    "peft.r": (1, None, "[", "]"),
+    "peft.lora_alpha": (0, None, "(", "]"),
+    "peft.lora_dropout": (0, 1, "[", ")"),
+}
+
+
+def out_of_range(key: str, value: Any) -> str | None:
+    """Why a value is not allowed for ``key`` (a dotted preset key), or None when it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {value!r}"
+    if key == "training.max_steps":
+        return None if value == -1 or value >= 1 else f"expected -1 (use epochs) or >= 1, got {value!r}"
+    low, high, left, right = RANGES.get(key, (None, None, "[", "]"))
+    below = low is not None and (value <= low if left == "(" else value < low)
+    above = high is not None and (value >= high if right == ")" else value > high)
+    if below or above:
+        lo = "-inf" if low is None else low
+        hi, right = ("inf", ")") if high is None else (high, right)
+        return f"expected a value in {left}{lo}, {hi}{right}, got {value!r}"
+    return None
+
+
 def feature_config_class(section: str) -> type:
     """Import the dataclass that validates a forge feature section, e.g. ``"ema"``."""
     module_name, cls_name = FEATURE_SECTIONS[section].split(":")
@@ -187,6 +241,10 @@ class _Checker:
             ok, value = coerce(value, hints[key])
             if not ok:
                 self.add(dotted, f"expected {describe(hints[key])}, got {value!r}")
+                continue
+            problem = out_of_range(dotted, value)
+            if problem:
+                self.add(dotted, problem)
                 continue
             out[key] = value
         return out

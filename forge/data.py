@@ -24,7 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,23 @@ REQUIRED = {
     "alpaca": ("instruction", "output"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    # chosen/rejected that each hold the whole dialogue, prompt included (HH-RLHF's own shape);
+    # the prompt is their common beginning, as TRL's extract_prompt takes it.
+    "implicit_preference": ("chosen", "rejected"),
 }
+PREFERENCE_FORMATS = ("preference", "implicit_preference")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 ROLES = ("system", "user", "assistant", "tool")
+
+
+# `owner/name` (and `owner/name:config`), as on the Hugging Face Hub.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?$")
+
+
+def is_hub_name(path: str) -> bool:
+    """Whether ``path`` names a Hub dataset (``owner/name``) rather than a local file."""
+    return bool(_HUB_NAME.match(path)) and not Path(path).expanduser().exists() \
+        and not path.endswith(DATA_SUFFIXES)
 
 
 def resolve_data_path(path: str) -> Path:
@@ -52,9 +70,32 @@ def resolve_data_path(path: str) -> Path:
     return resolved
 
 
+def read_hub(name: str, split: str) -> Any:
+    """A Hub dataset through ``datasets.load_dataset``; offline, only what the cache holds."""
+    import datasets
+
+    repo, _, config = name.partition(":")
+    offline = any(os.environ.get(v, "").upper() in ("1", "TRUE", "YES", "ON")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    try:
+        return datasets.load_dataset(repo, config or None, split=split)
+    except Exception as err:  # network, missing split, no such dataset: one line, named
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = " (offline: HF_HUB_OFFLINE is set and the dataset is not in the cache)" if offline else ""
+        raise ForgeError(f"data '{name}': not a local file, and the Hub dataset could not be "
+                         f"loaded{hint}: {first}") from None
+
+
+def _open_text(path: Path):
+    """Open a data file as text; ``.gz`` files are decompressed on the fly."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -70,7 +111,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with _open_text(path) as f:
+            data = json.loads(f.read())
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON Lines saved with a .json name
             return _read_jsonl(path)
@@ -96,7 +138,7 @@ def read_rows(path: Path, split: str = "train") -> Any:
                 raise ForgeError(f"{path}: no split '{split}' (has {', '.join(loaded)})")
             loaded = loaded[split]
         return loaded
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
     if suffix == ".jsonl":
         return datasets.Dataset.from_list(_read_jsonl(path))
     if suffix == ".json":
@@ -108,15 +150,26 @@ def read_rows(path: Path, split: str = "train") -> Any:
         except Exception as err:  # pyarrow/pandas parse errors: name the file, keep one line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ForgeError(f"{path}: cannot read {builder.upper()} ({first})") from None
-    raise ForgeError(f"{path}: unsupported data file type '{suffix}' "
-                     "(use .jsonl, .json, .csv, .parquet or a saved dataset directory)")
+    raise ForgeError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .csv, "
+                     ".parquet, their .gz, a saved dataset directory or a Hub dataset name)")
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
+
+
+def data_suffix(path: Path) -> str:
+    """The data type of a file: ``.jsonl`` for both ``x.jsonl`` and ``x.jsonl.gz``."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def detect_format(columns: list[str], method: str) -> str:
     """The data format implied by a set of column names."""
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:
-        return "preference"
+        return "preference" if "prompt" in cols else "implicit_preference"
     if "messages" in cols:
         return "messages"
     if {"instruction", "output"} <= cols:
@@ -182,7 +235,38 @@ def _to_trl(row: dict, fmt: str) -> dict:
         return {"prompt": _as_turn("user", row["prompt"]),
                 "chosen": _as_turn("assistant", row["chosen"]),
                 "rejected": _as_turn("assistant", row["rejected"])}
+    if fmt == "implicit_preference":
+        return split_implicit_prompt(row["chosen"], row["rejected"])
     return {REQUIRED[fmt][0]: row[REQUIRED[fmt][0]]}
+
+
+def hh_messages(text: str) -> list[dict] | None:
+    """HH-RLHF's ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` as chat messages (None if not that shape).
+
+    Example:
+        >>> hh_messages("\\n\\nHuman: hi\\n\\nAssistant: hello")
+        [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]
+    """
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> dict[str, Any]:
+    """``{prompt, chosen, rejected}`` from two whole dialogues that share their beginning.
+
+    HH-RLHF text becomes chat messages first (so the tokenizer's chat template formats it);
+    the shared beginning is found by TRL's own ``extract_prompt``.
+    """
+    from trl.data_utils import extract_prompt
+
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        as_chat = hh_messages(chosen), hh_messages(rejected)
+        if as_chat[0] and as_chat[1]:
+            chosen, rejected = as_chat
+    return extract_prompt({"chosen": chosen, "rejected": rejected})
 
 
 def load_examples(
@@ -204,19 +288,30 @@ def load_examples(
     Raises:
         ForgeError: missing file, unknown format, a bad row (named by number), or no rows.
     """
-    source = resolve_data_path(path)
-    ds = read_rows(source, split)
+    if is_hub_name(path):
+        source: Any = path
+        ds = read_hub(path, split)
+    else:
+        source = resolve_data_path(path)
+        ds = read_rows(source, split)
     if len(ds) == 0:
         raise ForgeError(f"{source}: the data set is empty")
     fmt = fmt or detect_format(ds.column_names, method)
-    if method == "dpo" and fmt != "preference":
-        raise ForgeError(f"{source}: method dpo needs prompt/chosen/rejected columns, "
-                         f"found format '{fmt}' (columns {sorted(ds.column_names)})")
-    if method == "sft" and fmt == "preference":
-        raise ForgeError(f"{source}: prompt/chosen/rejected data is for method dpo, not sft")
+    if method == "dpo" and fmt not in PREFERENCE_FORMATS:
+        raise ForgeError(f"{source}: method dpo needs prompt/chosen/rejected (or chosen/rejected) "
+                         f"columns, found format '{fmt}' (columns {sorted(ds.column_names)})")
+    if method == "sft" and fmt in PREFERENCE_FORMATS:
+        raise ForgeError(f"{source}: chosen/rejected data is for method dpo, not sft")
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     check_rows(ds, fmt, str(source))
     import datasets
 
-    return datasets.Dataset.from_list([_to_trl(row, fmt) for row in ds])
+    rows = []
+    for n, row in enumerate(ds, 1):
+        converted = _to_trl(row, fmt)
+        if fmt == "implicit_preference" and (_empty(converted["prompt"]) or _empty(converted["chosen"])):
+            raise ForgeError(f"{source} row {n}: chosen and rejected share no prompt (or one "
+                             "contains the other); give a prompt column")
+        rows.append(converted)
+    return datasets.Dataset.from_list(rows)

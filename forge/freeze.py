@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from forge._console import note
 from forge.freeze_schedules import GradualUnfreezingCallback, LISACallback, LPLoRACallback
 from forge.layers import freeze_layers
 from forge.llrd import layerwise_lr_optimizer
@@ -206,8 +207,18 @@ def from_preset(cfg: FreezeConfig, model: nn.Module, training_args: Any) -> dict
             head=cfg.head,
         )
         logger.info("freeze: static freezing applied\n%s", report)
+        frozen = [p for p in report.frozen_parts() if p.startswith("block.")]
+        others = [p for p in report.frozen_parts() if not p.startswith("block.")]
+        blocks = sum(1 for r in report.rows if r[0].startswith("block."))
+        extra_parts = f" and {', '.join(others)}" if others else ""
+        note(f"freeze: {len(frozen)} of {blocks} blocks frozen{extra_parts}; "
+             f"{report.trainable:,} of {report.total:,} parameters train")
     if cfg.schedule is not None:
-        extra["callbacks"] = [_schedule_callback(cfg, model, training_args)]
+        callback = _schedule_callback(cfg, model, training_args)
+        period = f"every {cfg.every_n_steps} steps" if cfg.every_n_steps else f"every {cfg.every_n_epochs} epochs"
+        note(f"freeze: schedule {cfg.schedule}, {period}, over {len(callback.managed)} parameter tensors")
+        extra["callbacks"] = [callback]
     if cfg.layerwise_lr_decay is not None:
         extra["optimizer_cls_and_kwargs"] = layerwise_lr_optimizer(training_args, cfg.layerwise_lr_decay)
+        note(f"freeze: layer-wise LR decay {cfg.layerwise_lr_decay} per block, from the head down")
     return extra

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from forge._console import note
 from forge._loss_adaptive import AdaptiveLoss
 from forge._loss_patch import ExampleWeightCollator, restore_lm_head, use_fused_lm_head
 from forge._loss_strategies import (
@@ -235,6 +236,10 @@ def from_preset(cfg: LossConfig, model: torch.nn.Module, training_args: Any) -> 
         raise ValueError("loss: set loss.label_smoothing instead of label_smoothing_factor in the training arguments")
     loss_fn = cfg.build()
     kwargs: dict[str, Any] = {"compute_loss_func": loss_fn}
+    what = cfg.strategy or "plain cross-entropy"
+    extras = [f"{k} {getattr(cfg, k)}" for k in ("z_loss", "label_smoothing") if getattr(cfg, k)]
+    path = "the fused chunked LM head (no full logits)" if cfg.fused else "the model's logits"
+    note(f"loss: {what}{' with ' + ', '.join(extras) if extras else ''} on {path}")
     if cfg.fused or cfg.weight_column is not None:
         # Unfused runs still need the patch to route the weight column past the model.
         use_fused_lm_head(model, loss=loss_fn, fused=cfg.fused)

@@ -62,6 +62,22 @@ def load_tokenizer(model: ModelConfig) -> Any:
     return tok
 
 
+def model_max_positions(model: ModelConfig) -> int | None:
+    """``max_position_embeddings`` of the model's (text) config, read without the weights;
+    None when the config does not say or cannot be read here."""
+    from transformers import AutoConfig
+
+    name = adapter_base(model.name_or_path) or model.name_or_path
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name), revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError):
+        return None  # load_model reports the real problem
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
@@ -81,12 +97,26 @@ def load_model(
         peft_config: a ``LoraConfig`` or None (full fine-tune).
 
     Returns:
-        A ``PreTrainedModel``, or a ``PeftModel`` when ``peft_config`` is given.
+        A ``PreTrainedModel``, or a ``PeftModel`` when ``peft_config`` is given. A saved
+        adapter directory as ``model.name_or_path`` (e.g. ``forge train dpo --model
+        outputs/my-lora-run``) continues that adapter (see :func:`_load_from_adapter`).
 
     Raises:
         ForgeError: the model path does not exist, cannot be loaded, or bitsandbytes is
             missing for a quantized load.
     """
+    adapter = adapter_base(model.name_or_path)
+    if adapter is not None:
+        return _load_from_adapter(model, adapter, quantization_config, peft_config)
+    lm = _load_base(model, resolve_model_path(model.name_or_path), quantization_config)
+    if peft_config is None:
+        return lm
+    from peft import get_peft_model
+
+    return get_peft_model(_prepare_kbit(lm, quantization_config), peft_config)
+
+
+def _load_base(model: ModelConfig, path: str, quantization_config: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     if quantization_config is not None:
@@ -104,14 +134,53 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:
-        lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error("model", model.name_or_path, err) from None
-    if peft_config is None:
-        return lm
-    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if quantization_config is not None:
-        # Casts norms to fp32 and enables input grads, so adapters train stably on a 4-bit base.
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-    return get_peft_model(lm, peft_config)
+
+def _prepare_kbit(lm: Any, quantization_config: Any) -> Any:
+    if quantization_config is None:
+        return lm
+    from peft import prepare_model_for_kbit_training
+
+    # Casts norms to fp32 and enables input grads, so adapters train stably on a 4-bit base.
+    return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model of a saved PEFT adapter directory (e.g. a ``forge train lora`` output),
+    or None when ``name_or_path`` is not one."""
+    import json
+
+    config = Path(name_or_path).expanduser() / ADAPTER_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise ForgeError(f"{config}: cannot read the adapter config ({err})") from None
+    if not base:
+        raise ForgeError(f"{config}: no base_model_name_or_path; cannot tell which model it adapts")
+    return str(base)
+
+
+def _load_from_adapter(model: ModelConfig, base: str, quantization_config: Any, peft_config: Any) -> Any:
+    """Continue from a trained adapter instead of stacking a new one on the raw base.
+
+    With a ``peft:`` section the saved adapter itself is what trains (so its saved result,
+    loaded on the base, is the model of both stages); TRL's DPOTrainer then makes a frozen
+    copy of it the reference, as DPO wants (the SFT model, not the raw base). Without one
+    (a full fine-tune) the adapter is merged into the base first.
+    """
+    from peft import PeftModel
+
+    lm = _load_base(model, base, quantization_config)
+    if peft_config is None:
+        logger.info("model %s is an adapter of %s: merged into it for a full fine-tune", model.name_or_path, base)
+        return PeftModel.from_pretrained(lm, model.name_or_path).merge_and_unload()
+    lm = _prepare_kbit(lm, quantization_config)
+    return PeftModel.from_pretrained(lm, str(Path(model.name_or_path).expanduser()), is_trainable=True)

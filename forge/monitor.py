@@ -24,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from forge import _monitor_trainer as glue
+from forge._console import note
 from forge._trainer_lookup import find_trainer_on_stack
 from forge._monitor_core import MonitorCore
 from forge._monitor_detect import KINDS, Anomaly, GradientAnomalyError
@@ -311,6 +312,10 @@ class GradientMonitor(TrainerCallback):
         trainer = self._trainer
         self.attach(model)
         self._core.is_main = state.is_world_process_zero
+        if state.is_world_process_zero:
+            plan, c = self._core.plan, self.config
+            policies = ", ".join(f"{k} {getattr(c, 'on_' + k)}" for k in KINDS)
+            note(f"monitor: watching {plan.num_params} tensors in {plan.num_groups} blocks; on {policies}")
         self._scaler = glue.loss_scaler(optimizer)
         self._core.loss_scaled = self._scaler is not None
         if state.global_step > 0:  # resuming: pick up the history saved with the checkpoint

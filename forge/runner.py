@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forge._console import is_main_process, note
 from forge.checkpoints import (CheckpointCompleteCallback, is_complete,
                                last_complete_checkpoint, writes_markers)
 from forge.config import FEATURE_SECTIONS, has_eval
 from forge.data import load_examples
 from forge.errors import ForgeError
-from forge.modeling import load_model, load_tokenizer
+from forge.modeling import adapter_base, load_model, load_tokenizer, model_max_positions
 from forge.presets import Preset
 
 PRESET_FILE = "forge_preset.yaml"
@@ -38,6 +39,16 @@ class TrainResult:
     trainer: Any = None
 
 
+# What a previous forge run leaves in its output directory (besides the tokenizer files the
+# next save overwrites anyway). `--overwrite` removes these, so that nothing of the old run
+# (its checkpoints, monitor summary, weights of another kind) mixes into the new one.
+RUN_FILES = ("trainer_state.json", "monitor_summary.json", "autotune.json", "all_results.json",
+             "train_results.json", "eval_results.json", "training_args.bin", "config.json",
+             "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE)
+RUN_DIRS = ("report", "runs")
+
+
 def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> None:
     """Refuse to write into a non-empty directory unless told to (or resuming there)."""
     path = Path(output_dir)
@@ -48,6 +59,41 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> None:
             f"output directory '{output_dir}' exists and is not empty; pass --overwrite to "
             "write into it, --resume to continue its run, or choose another --output-dir"
         )
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Remove what an earlier forge run wrote into ``output_dir`` (``--overwrite``).
+
+    Only a directory forge wrote (it holds ``forge_preset.yaml``) is cleared, and only of
+    forge's and the Trainer's own outputs; any other file stays. Returns what was removed.
+    """
+    import shutil
+
+    import yaml
+
+    root = Path(output_dir)
+    preset_file = root / PRESET_FILE
+    if not preset_file.is_file():
+        return []
+    names = set(RUN_FILES)
+    try:  # the old run may have written its monitor summary under another name
+        old = yaml.safe_load(preset_file.read_text(encoding="utf-8")) or {}
+        summary = (old.get("monitor") or {}).get("summary_file") if isinstance(old, dict) else None
+        if isinstance(summary, str) and "/" not in summary and summary not in ("", ".", ".."):
+            names.add(summary)
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        pass
+    removed = []
+    for entry in sorted(root.iterdir()):
+        is_run_dir = entry.is_dir() and (entry.name in RUN_DIRS or entry.name.startswith("checkpoint-"))
+        if is_run_dir:
+            shutil.rmtree(entry)
+        elif entry.is_file() and entry.name in names:
+            entry.unlink()
+        else:
+            continue
+        removed.append(entry.name)
+    return removed
 
 
 def load_datasets(preset: Preset) -> tuple[Any, Any]:
@@ -120,7 +166,11 @@ def build_trainer(preset: Preset, resume: bool | str = False) -> Any:
     # Cheapest checks first: a bad data row should not wait for a model download.
     train_ds, eval_ds = load_datasets(preset)
     tokenizer = load_tokenizer(preset.model)
+    _cap_max_length(args, preset)
     quantization = preset.quantization_config()
+    base = adapter_base(preset.model.name_or_path)
+    if base is not None:
+        note(_adapter_note(preset, base))
     model = load_model(preset.model, quantization, preset.peft_config())
     extra = feature_kwargs(preset, model, args, train_ds, tokenizer)
     trainer_cls = trl.SFTTrainer if preset.method == "sft" else trl.DPOTrainer
@@ -135,6 +185,29 @@ def build_trainer(preset: Preset, resume: bool | str = False) -> Any:
         # attribute when it creates the optimizer, so setting it before train() is enough.
         setattr(trainer, key, value)
     return trainer
+
+
+def _adapter_note(preset: Preset, base: str) -> str:
+    """What forge does with a saved adapter given as the model, in one line."""
+    where = f"model: {preset.model.name_or_path} is an adapter of {base}"
+    if preset.peft_config() is None:
+        return f"{where}; it is merged into the base for a full fine-tune"
+    reference = "; DPO's reference is a frozen copy of it" if preset.method == "dpo" else ""
+    return (f"{where}; that adapter trains further (the preset's peft: section is not used), so "
+            f"the saved result on that base is the model of both stages{reference}")
+
+
+def _cap_max_length(args: Any, preset: Preset) -> None:
+    """Never ask for more positions than the model has: cap ``max_length`` with a note.
+
+    Past ``max_position_embeddings`` a model's position table ends (transformers only warns
+    about the indexing), so a preset default of 1024 on a 512-position model must not stand.
+    """
+    limit = model_max_positions(preset.model)
+    wanted = getattr(args, "max_length", None)
+    if limit and wanted and wanted > limit:
+        note(f"data.max_length {wanted} is more than the {limit} positions the model has; using {limit}")
+        args.max_length = limit
 
 
 def _keep_adapters_in_float32(model: Any) -> None:
@@ -176,15 +249,30 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
         raise ForgeError(f"--resume: checkpoint '{resume}' not found")
     if isinstance(resume, str) and not is_complete(resume, writes_markers(Path(resume).parent)):
         raise ForgeError(f"--resume: checkpoint '{resume}' is incomplete (an interrupted save?)")
+    if overwrite and not resume and is_main_process():
+        removed = clear_previous_run(output_dir)
+        if removed:
+            note(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
     trainer = build_trainer(preset, resume)
+    if trainer.args.resume_from_checkpoint:
+        note(f"resuming from {trainer.args.resume_from_checkpoint}")
+    if trainer.is_world_process_zero():
+        # Written first, so a run that crashes can be resumed with `forge train --resume CKPT`.
+        write_preset_file(preset, output_dir)
     result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
-        Path(output_dir, PRESET_FILE).write_text(preset.to_yaml(), encoding="utf-8")
+        write_preset_file(preset, output_dir)
         # The loss curve and metrics, in the Trainer's own format, for reports and tests.
         trainer.state.save_to_json(str(Path(output_dir, "trainer_state.json")))
     return TrainResult(output_dir=output_dir, metrics=dict(result.metrics),
                        log_history=list(trainer.state.log_history), trainer=trainer)
+
+
+def write_preset_file(preset: Preset, output_dir: str) -> None:
+    """The resolved preset next to the run's checkpoints (``forge train --resume`` reads it)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    Path(output_dir, PRESET_FILE).write_text(preset.to_yaml(), encoding="utf-8")
 
 
 def get_last_checkpoint(output_dir: str) -> str | None:

@@ -77,7 +77,7 @@ CASES = [
     ("unknown-columns", {"d.jsonl": jsonl({"question": "a", "answer": "b"})},
      ["train", "sft", "--data", "d.jsonl"], "cannot tell the data format"),
     ("wrong-dpo-columns", {"d.jsonl": jsonl(SFT_ROW)}, ["train", "dpo", "--data", "d.jsonl"],
-     "method dpo needs prompt/chosen/rejected columns"),
+     "method dpo needs prompt/chosen/rejected (or chosen/rejected) columns"),
     ("dpo-missing-rejected", {"d.jsonl": jsonl({"prompt": "p", "chosen": "c", "rejected": ""})},
      ["train", "dpo", "--data", "d.jsonl"], "row 1: field 'rejected' is missing or empty"),
     ("preference-data-for-sft", {"d.jsonl": jsonl({"prompt": "p", "chosen": "c", "rejected": "r"})},

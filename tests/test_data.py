@@ -93,7 +93,7 @@ def test_bad_json_line_and_messages(tmp_path):
 
 def test_method_and_format_must_agree(tmp_path):
     sft_rows = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "completion": "b"}])
-    with pytest.raises(ForgeError, match="method dpo needs prompt/chosen/rejected columns"):
+    with pytest.raises(ForgeError, match=r"method dpo needs prompt/chosen/rejected \(or chosen/rejected\) columns"):
         load_examples(sft_rows, method="dpo")
     dpo_rows = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     with pytest.raises(ForgeError, match="is for method dpo, not sft"):

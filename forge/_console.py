@@ -1,0 +1,26 @@
+"""One-line notes to the user: ``forge: ...`` on stdout, from the main process only.
+
+Each forge feature says in one line what it did at the start of a run (blocks frozen, EMA
+size, autotune's choice, the loss path, the checkpoint a resume continued from), so nobody
+has to read a log to learn what a preset switched on.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process; readable before torch.distributed is initialised."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def note(message: str) -> None:
+    """Print ``forge: message`` once (main process), flushed so it precedes library output."""
+    if is_main_process():
+        print(f"forge: {message}", flush=True)
