@@ -39,9 +39,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from forge._autotune_data import parse_memory  # noqa: E402
-from forge._autotune_probe import StepProbe  # noqa: E402
 from forge.autotune import autotune_batch_size  # noqa: E402
+from forge.autotune.data import parse_memory  # noqa: E402
+from forge.autotune.probe import StepProbe  # noqa: E402
 
 
 def make_model(vocab: int = 256, hidden: int = 64, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:

@@ -82,7 +82,9 @@ def _loss_fn(row: str, chunk: int | None):
 
         return lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=chunk)
     if row == "liger":
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        from liger_kernel.transformers.functional import (
+            liger_fused_linear_cross_entropy,
+        )
 
         return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
     if row == "cce":

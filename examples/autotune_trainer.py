@@ -20,8 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import (DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          Trainer, TrainingArguments)
+from transformers import (  # noqa: E402
+    DataCollatorForLanguageModeling,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 from forge.autotune import autotune_batch_size, format_table  # noqa: E402
 from forge.demo import builtin_tokenizer  # noqa: E402

@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the Hub
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from forge.freeze_schedules import LISACallback
 from forge.layers import find_layers, freeze_layers
-from forge.llrd import layerwise_lr_optimizer
-from forge.suggest_freeze import suggest_freeze
+from forge.layers.llrd import layerwise_lr_optimizer
+from forge.layers.schedules import LISACallback
+from forge.layers.suggest import suggest_freeze
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import forge  # noqa: E402
-from forge.data import load_examples  # noqa: E402
 from forge.demo import builtin_model_dir  # noqa: E402
+from forge.recipes.data import load_examples  # noqa: E402
 
 out = tempfile.mkdtemp()
 preset = forge.load_preset("lora", {

@@ -13,12 +13,11 @@ Example:
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
-import logging
-
+from forge.config.loader import Preset, list_presets, load_preset
 from forge.errors import ConfigError, ForgeError
-from forge.presets import Preset, list_presets, load_preset
 
 __version__ = "0.1.0"
 
@@ -37,17 +36,18 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKe
 
 # public name -> module that defines it (imported lazily by __getattr__)
 _LAZY: dict[str, str] = {
-    "train": "forge.runner", "build_trainer": "forge.runner", "TrainResult": "forge.runner",
-    "load_examples": "forge.data", "load_model": "forge.modeling", "load_tokenizer": "forge.modeling",
+    "train": "forge.recipes", "build_trainer": "forge.recipes", "TrainResult": "forge.recipes",
+    "autotune_preset": "forge.recipes",
+    "load_examples": "forge.recipes", "load_model": "forge.recipes", "load_tokenizer": "forge.recipes",
     # EMA weights
     "EMAWeights": "forge.ema", "EMACallback": "forge.ema", "EMAConfig": "forge.ema",
     # layers: discovery, freezing, schedules, layer-wise LR, automatic freeze choice
     "find_layers": "forge.layers", "freeze_layers": "forge.layers", "unfreeze_all": "forge.layers",
     "freeze_table": "forge.layers", "LayerInfo": "forge.layers", "FreezeReport": "forge.layers",
-    "GradualUnfreezingCallback": "forge.freeze_schedules", "LPLoRACallback": "forge.freeze_schedules",
-    "LISACallback": "forge.freeze_schedules", "layerwise_lr_groups": "forge.llrd",
-    "layerwise_lr_optimizer": "forge.llrd", "suggest_freeze": "forge.suggest_freeze",
-    "FreezeSuggestion": "forge.suggest_freeze", "FreezeConfig": "forge.freeze",
+    "GradualUnfreezingCallback": "forge.layers", "LPLoRACallback": "forge.layers",
+    "LISACallback": "forge.layers", "layerwise_lr_groups": "forge.layers",
+    "layerwise_lr_optimizer": "forge.layers", "suggest_freeze": "forge.layers",
+    "FreezeSuggestion": "forge.layers", "FreezeConfig": "forge.layers",
     # adaptive token-level loss on the fused chunked linear + cross-entropy
     # (the strategy factories, e.g. forge.loss.focal, stay under forge.loss: too generic here)
     "fused_linear_cross_entropy": "forge.loss", "AdaptiveLoss": "forge.loss",
@@ -57,9 +57,8 @@ _LAZY: dict[str, str] = {
     "GradientMonitor": "forge.monitor", "MonitorConfig": "forge.monitor",
     "GradientAnomalyError": "forge.monitor", "Anomaly": "forge.monitor",
     # batch-size autotuning
-    "autotune_batch_size": "forge.autotune", "autotune_preset": "forge.autotune",
-    "AutotuneResult": "forge.autotune", "AutotuneCallback": "forge.autotune",
-    "AutotuneConfig": "forge.autotune",
+    "autotune_batch_size": "forge.autotune", "AutotuneResult": "forge.autotune",
+    "AutotuneCallback": "forge.autotune", "AutotuneConfig": "forge.autotune",
     # trackers and report
     "ForgeTensorBoardCallback": "forge.trackers", "ForgeWandbCallback": "forge.trackers",
     "ForgeMLflowCallback": "forge.trackers", "TensorBoardSpec": "forge.trackers",

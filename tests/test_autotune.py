@@ -11,11 +11,19 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from forge._autotune_probe import StepProbe
-from forge._autotune_search import fit_line, search_batch_size, split_global_batch
-from forge.autotune import (AutotuneCallback, AutotuneConfig, autotune_batch_size, autotune_preset,
-                            format_table, from_preset, parse_memory, sequence_length)
+from forge.autotune import (
+    AutotuneCallback,
+    AutotuneConfig,
+    autotune_batch_size,
+    format_table,
+    from_preset,
+    parse_memory,
+    sequence_length,
+)
+from forge.autotune.probe import StepProbe
+from forge.autotune.search import fit_line, search_batch_size, split_global_batch
 from forge.errors import ForgeError
+from forge.recipes import autotune_preset
 
 SEQ = 32
 BUDGET = 16_000_000  # bytes: about 45 examples of 32 tokens on the tiny Llama
@@ -270,8 +278,8 @@ def test_parse_memory():
 
 
 def test_sequence_length_from_conversational_rows():
-    from forge.data import load_examples
     from forge.demo import builtin_tokenizer
+    from forge.recipes.data import load_examples
 
     tok = builtin_tokenizer()
     ds = load_examples("builtin:demo-sft")
@@ -285,8 +293,8 @@ def test_sequence_length_from_conversational_rows():
 
 
 def test_preference_rows_probe_two_sequences_per_example(model):
-    from forge.data import load_examples
     from forge.demo import builtin_tokenizer
+    from forge.recipes.data import load_examples
 
     tok = builtin_tokenizer()
     ds = load_examples("builtin:demo-dpo", method="dpo")
@@ -370,8 +378,8 @@ def test_checkpoint_records_the_choice_and_resume_reuses_it(tmp_path):
 
 def test_from_preset_tunes_training_args_in_place(capsys):
     import forge
-    from forge.data import load_examples
     from forge.demo import builtin_tokenizer
+    from forge.recipes.data import load_examples
 
     preset = forge.load_preset("demo", {"training.per_device_train_batch_size": 4,
                                         "training.gradient_accumulation_steps": 8})

@@ -30,16 +30,16 @@ def run_forge(*args, cwd=None, timeout=300):
 @pytest.fixture
 def train_in_process(monkeypatch):
     """Run `forge train` through cli.main in this process and hand back the TrainResult."""
-    import forge.runner
+    import forge.recipes.runner
 
     results = []
-    real_train = forge.runner.train
+    real_train = forge.recipes.runner.train
 
     def capture(*args, **kwargs):
         results.append(real_train(*args, **kwargs))
         return results[-1]
 
-    monkeypatch.setattr(forge.runner, "train", capture)
+    monkeypatch.setattr(forge.recipes.runner, "train", capture)
 
     def run(argv):
         assert cli.main(argv) == 0

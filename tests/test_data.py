@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from forge.data import detect_format, load_examples
 from forge.errors import ForgeError
+from forge.recipes.data import detect_format, load_examples
 
 
 def write_jsonl(path, rows):

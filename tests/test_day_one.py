@@ -35,7 +35,7 @@ def test_presets_show_stdout_is_only_yaml_with_wandb_offline(tmp_path):
     # And the file it writes loads back as a preset.
     mine = tmp_path / "mine.yaml"
     mine.write_text(proc.stdout)
-    from forge.presets import load_preset
+    from forge.config.loader import load_preset
 
     assert load_preset(str(mine)).peft_config().r == 16
 
@@ -137,8 +137,8 @@ def test_dpo_on_an_sft_adapter_continues_that_adapter(tmp_path, capsys):
 
 
 def test_eval_with_ema_keeps_trl_eval_metrics_apart(tmp_path):
-    from forge.presets import load_preset
-    from forge.runner import train
+    from forge.config.loader import load_preset
+    from forge.recipes.runner import train
 
     preset = load_preset("demo", {
         "model.name_or_path": "builtin:tiny-llama", "data.max_samples": 24, "data.max_length": 48,
@@ -159,7 +159,7 @@ def test_eval_with_ema_keeps_trl_eval_metrics_apart(tmp_path):
 
 
 def test_ema_advice_for_a_very_short_run_says_what_to_do():
-    from forge._ema_schedule import run_length_advice
+    from forge.ema.schedule import run_length_advice
 
     text = run_length_advice(4, 10**6, decay=0.999)
     assert "0.0000" not in text and "too few" in text
@@ -177,8 +177,8 @@ def test_bad_batch_size_is_reported_before_any_model_loads(tmp_path):
 
 
 def test_max_length_is_capped_at_the_models_positions(tmp_path):
-    from forge.presets import load_preset
-    from forge.runner import build_trainer
+    from forge.config.loader import load_preset
+    from forge.recipes.runner import build_trainer
 
     preset = load_preset("demo", {"data.max_length": 1024, "data.max_samples": 4,
                                   "training.output_dir": str(tmp_path / "o")})
@@ -206,7 +206,7 @@ def test_readme_snippet_works_with_instruction_data(tmp_path):
 
 
 def test_gzipped_jsonl_and_hh_rlhf_preference_rows(tmp_path):
-    from forge.data import load_examples
+    from forge.recipes.data import load_examples
 
     rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: good answer {i}",
              "rejected": f"\n\nHuman: question {i}?\n\nAssistant: bad answer {i}"} for i in range(3)]
@@ -239,8 +239,8 @@ def test_implicit_preference_trains_through_dpo(tmp_path):
 def test_hub_dataset_names_go_through_datasets_and_fail_offline_in_one_line(monkeypatch, tmp_path):
     import datasets
 
-    from forge.data import load_examples
     from forge.errors import ForgeError
+    from forge.recipes.data import load_examples
 
     calls = []
 

@@ -37,8 +37,8 @@ def test_every_docs_link_resolves():
 
 
 def test_feature_sections_name_existing_doc_pages():
-    from forge._docs import DOC_PAGES
     from forge.config import FEATURE_SECTIONS
+    from forge.config.docs import DOC_PAGES
 
     assert set(DOC_PAGES) == set(FEATURE_SECTIONS)
     for page in DOC_PAGES.values():

@@ -17,8 +17,8 @@ from conftest import make_tiny_llama
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from forge._ema_schedule import initial_weight_share, run_length_advice
 from forge.ema import EMA_WEIGHTS_NAME, EMACallback, EMAConfig, EMAWeights, from_preset
+from forge.ema.schedule import initial_weight_share, run_length_advice
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""forge.freeze: the ``freeze:`` preset section and its Trainer wiring."""
+"""forge.layers.config: the ``freeze:`` preset section and its Trainer wiring."""
 
 from __future__ import annotations
 
@@ -6,13 +6,23 @@ import dataclasses
 
 import pytest
 import torch
-from _freeze_models import FAMILIES, batches, build, expected_block_params, snapshot, training_args
+from _freeze_models import (
+    FAMILIES,
+    batches,
+    build,
+    expected_block_params,
+    snapshot,
+    training_args,
+)
 from transformers import Trainer
 
-from forge.freeze import FreezeConfig, from_preset
-from forge.freeze_schedules import GradualUnfreezingCallback, LISACallback, LPLoRACallback
-from forge.llrd import LayerwiseLRDecayFactory
-
+from forge.layers.config import FreezeConfig, from_preset
+from forge.layers.llrd import LayerwiseLRDecayFactory
+from forge.layers.schedules import (
+    GradualUnfreezingCallback,
+    LISACallback,
+    LPLoRACallback,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""forge.freeze_schedules: gradual unfreezing, LP-LoRA and LISA inside a real Trainer."""
+"""forge.layers.schedules: gradual unfreezing, LP-LoRA and LISA inside a real Trainer."""
 
 from __future__ import annotations
 
@@ -8,11 +8,21 @@ import os
 import numpy as np
 import pytest
 import torch
-from _freeze_models import FAMILIES, batches, build, expected_block_params, snapshot, training_args
+from _freeze_models import (
+    FAMILIES,
+    batches,
+    build,
+    expected_block_params,
+    snapshot,
+    training_args,
+)
 from transformers import Trainer, TrainerCallback
 
-from forge.freeze_schedules import GradualUnfreezingCallback, LISACallback, LPLoRACallback
-
+from forge.layers.schedules import (
+    GradualUnfreezingCallback,
+    LISACallback,
+    LPLoRACallback,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

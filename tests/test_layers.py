@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _freeze_models import FAMILIES, batches, build, expected_block_params, snapshot, training_args
+from _freeze_models import (
+    FAMILIES,
+    batches,
+    build,
+    expected_block_params,
+    snapshot,
+    training_args,
+)
 
-from forge.layers import find_layers, freeze_layers, freeze_table, set_trainable_, trainable_universe, unfreeze_all
+from forge.layers import (
+    find_layers,
+    freeze_layers,
+    freeze_table,
+    set_trainable_,
+    trainable_universe,
+    unfreeze_all,
+)
 
 NAMES = list(FAMILIES)
 TRAIN_FAMILIES = ["llama", "gpt2", "gpt_neox", "opt", "falcon", "t5", "bert"]

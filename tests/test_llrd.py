@@ -1,16 +1,21 @@
-"""forge.llrd: layer-wise learning-rate groups, standalone and inside the Trainer."""
+"""forge.layers.llrd: layer-wise learning-rate groups, standalone and inside the Trainer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _freeze_models import FAMILIES, batches, build, expected_block_params, training_args
+from _freeze_models import (
+    FAMILIES,
+    batches,
+    build,
+    expected_block_params,
+    training_args,
+)
 from torch import nn
 from transformers import Trainer
 
 from forge.layers import freeze_layers
-from forge.llrd import layerwise_lr_groups, layerwise_lr_optimizer
-
+from forge.layers.llrd import layerwise_lr_groups, layerwise_lr_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -244,7 +244,7 @@ def test_response_only_and_example_weights():
 
 def test_reduction_none_with_batch_weights_backward():
     """reduction='none' recomputes in backward; the weighting's VJP uses the real output gradients."""
-    from forge.kernels import CEOptions, chunked_linear_cross_entropy
+    from forge.loss.ops import CEOptions, chunked_linear_cross_entropy
 
     hidden, weight, _, labels = _inputs(seed=4)
     fn = custom(lambda logp, ent, y: torch.softmax(-logp, 0) * logp.numel(), needs_entropy=False)

@@ -17,7 +17,6 @@ from conftest import make_tiny_llama
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from forge._monitor_stats import group_parameters
 from forge.monitor import (
     GradientAnomalyError,
     GradientMonitor,
@@ -45,6 +44,8 @@ def _groups(name: str) -> str:
         return "embeddings"
     if name.startswith("model.layers."):
         return f"layer_{int(name.split('.')[2]):02d}"
+    if name.startswith("model.norm"):
+        return "norm"
     return "head" if name.startswith("lm_head") else "other"
 
 
@@ -105,16 +106,6 @@ def _inject_nan(model, name: str, from_step: int, until_step: int = 10**9):
 # ----- statistics ----------------------------------------------------------------------
 
 
-def test_group_parameters_names():
-    names = ["base_model.model.model.embed_tokens.weight",
-             "base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight",
-             "model.encoder.block.0.layer.0.SelfAttention.q.weight",
-             "model.decoder.block.0.layer.0.SelfAttention.q.weight",
-             "transformer.h.11.attn.c_attn.weight", "model.norm.weight", "lm_head.weight"]
-    assert group_parameters(names) == ["embeddings", "layer_03", "encoder_layer_00",
-                                       "decoder_layer_00", "layer_11", "other", "head"]
-
-
 def test_block_norms_zero_fraction_and_update_ratio_match_direct_computation():
     model = make_tiny_llama(seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -126,7 +117,7 @@ def test_block_norms_zero_fraction_and_update_ratio_match_direct_computation():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert monitor.step(opt, loss=loss)
     m = monitor.flush_metrics()
-    assert set(expected) == {"embeddings", "layer_00", "layer_01", "other", "head"}
+    assert set(expected) == {"embeddings", "layer_00", "layer_01", "norm", "head"}
     for g, (norm, zero) in expected.items():
         assert m[f"forge/grad_norm/{g}"] == pytest.approx(norm, rel=1e-5)
         assert m[f"forge/zero_grad_frac/{g}"] == pytest.approx(zero, abs=1e-6)
@@ -515,7 +506,7 @@ def test_state_dict_round_trip():
 
 
 def test_unlogged_intervals_are_closed_not_hoarded(monkeypatch):
-    import forge._monitor_core as core
+    import forge.monitor.core as core
 
     monkeypatch.setattr(core, "MAX_INTERVAL", 3)
     model = make_tiny_llama(seed=11)

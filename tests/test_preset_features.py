@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from forge import cli
-from forge._docs import render
+from forge.config.docs import render
 
 FAST = ["--model", "builtin:tiny-llama", "--max-steps", "4", "--set", "data.max_samples=64",
         "--set", "data.max_length=48", "--set", "training.logging_steps=1",
@@ -54,4 +54,4 @@ def test_autotune_cli_prints_its_table(capsys):
 
 def test_presets_doc_is_generated_from_the_schema():
     doc = Path(__file__).parent.parent / "docs" / "presets.md"
-    assert doc.read_text() == render(), "run: python -m forge._docs > docs/presets.md"
+    assert doc.read_text() == render(), "run: python -m forge.config.docs > docs/presets.md"

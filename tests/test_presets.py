@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 import forge
+from forge.config.loader import list_presets, load_preset, parse_override, presets_dir
 from forge.errors import ConfigError, ForgeError
-from forge.presets import list_presets, load_preset, parse_override, presets_dir
 
 SHIPPED = ["demo", "dpo", "lora", "qlora", "sft"]
 
@@ -202,7 +202,7 @@ def test_get_args_dict_is_plain_and_maps_data_and_trackers():
 
 def test_top_level_api_is_exported():
     assert forge.load_preset is load_preset
-    from forge import runner
+    from forge.recipes import runner
 
     assert forge.train is runner.train and callable(forge.list_presets)
     assert forge.EMACallback.__name__ == "EMACallback"

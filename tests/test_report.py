@@ -19,7 +19,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from forge.ema import EMACallback
 from forge.errors import ForgeError
 from forge.monitor import GradientMonitor
-from forge.report import collect_series, load_run, main, write_report
+from forge.report import collect_series, load_run, write_report
+from forge.report.__main__ import main
 
 STEPS, NAN_STEP = 8, 5
 BAD_PARAM = "model.layers.1.mlp.down_proj.weight"
@@ -104,7 +105,7 @@ def test_report_writes_html_and_pngs_from_the_runs_files(run_dir):
     heat = series["grad_norm"]
     assert heat["source"] == "monitor_summary.json"
     assert heat["steps"] == [h["step"] for h in rows] == list(range(1, STEPS + 1))
-    assert heat["blocks"] == ["embeddings", "layer_00", "layer_01", "head", "other"]
+    assert heat["blocks"] == ["embeddings", "layer_00", "layer_01", "norm", "head"]
     for block, line in zip(heat["blocks"], heat["values"]):
         key = next(k for k in rows[0] if k.endswith("/grad_norm/" + block))
         expected = [h.get(key) for h in rows]

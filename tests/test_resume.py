@@ -92,7 +92,7 @@ def test_interrupted_save_is_never_resumed(tmp_path, caplog):
     (broken / "optimizer.pt").write_bytes(data[: len(data) // 2])
     (broken / "ema.safetensors").unlink()
     (broken / "forge_checkpoint_complete.json").unlink()
-    with caplog.at_level("WARNING", logger="forge.checkpoints"):
+    with caplog.at_level("WARNING", logger="forge.recipes.checkpoints"):
         assert cli.main([*argv, "--output-dir", str(part), "--resume"]) == 0
     assert "skipping incomplete checkpoint(s) checkpoint-6" in caplog.text
     assert "resuming from checkpoint-3" in caplog.text

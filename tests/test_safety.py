@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from forge.config import ModelConfig
+from forge.config.loader import load_preset
 from forge.errors import ForgeError
-from forge.presets import load_preset
 
 ROOT = Path(__file__).parent.parent
 SOURCES = sorted([*ROOT.glob("forge/**/*.py"), *ROOT.glob("examples/*.py"),

@@ -1,4 +1,4 @@
-"""forge.suggest_freeze: memory estimate vs. a fresh-process measurement, budget choice, probe."""
+"""forge.layers.suggest: memory estimate vs. a fresh-process measurement, budget choice, probe."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from forge.suggest_freeze import suggest_freeze
+from forge.layers.suggest import suggest_freeze
 
 HERE = Path(__file__).parent
 # Big enough that tensors dwarf allocator/runtime noise (~130 MiB peak), small enough for seconds.

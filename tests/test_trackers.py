@@ -17,12 +17,23 @@ import yaml
 from conftest import make_tiny_llama
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.integrations.integration_utils import (MLflowCallback, TensorBoardCallback,
-                                                         WandbCallback)
+from transformers.integrations.integration_utils import (
+    MLflowCallback,
+    TensorBoardCallback,
+    WandbCallback,
+)
 
 from forge.errors import ForgeError
-from forge.trackers import (ForgeMLflowCallback, ForgeTensorBoardCallback, MissingTrackerError,
-                            from_preset, parse_trackers, redact, redact_yaml, specs_to_config)
+from forge.trackers import (
+    ForgeMLflowCallback,
+    ForgeTensorBoardCallback,
+    MissingTrackerError,
+    from_preset,
+    parse_trackers,
+    redact,
+    redact_yaml,
+    specs_to_config,
+)
 
 HF_TOKEN = "hf_" + "Zq3" * 12  # shaped like a real Hugging Face token
 WANDB_KEY = "0123456789abcdef" * 2 + "01234567"  # 40 hex characters

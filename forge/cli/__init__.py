@@ -1,0 +1,60 @@
+"""The ``forge`` command line: one module per command group, each adding its own subcommands.
+
+    forge train [PRESET] [--set KEY=VALUE ...] [--model M] [--data D] [--output-dir O]
+    forge autotune [PRESET] --max-memory 20GB [--target-global-batch 64]
+    forge report RUN_DIR
+    forge presets list
+    forge presets show NAME [--set KEY=VALUE ...]
+
+Mistakes a user can make (a bad preset, a missing file, a bad data row) print one line each
+on stderr and exit with code 2; nothing in an existing output directory is overwritten
+unless ``--overwrite`` is given. A command module has ``register(subparsers)``, which adds
+its parsers and sets ``func`` (called with the parsed arguments, returning the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import warnings
+
+from forge import __version__
+from forge.errors import ForgeError
+
+EXIT_USAGE = 2
+# Command modules, in the order `forge --help` lists them.
+COMMAND_MODULES = ("forge.cli.train", "forge.cli.report", "forge.cli.presets")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``forge`` argument parser with every command module's subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="forge", description="Fine-tune HF models from YAML presets (SFT, LoRA, QLoRA, DPO).")
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``forge`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers 5 warns about an alias TRL itself sets; it is noise to a forge user.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+    try:
+        return args.func(args)
+    except ForgeError as err:
+        for line in str(err).splitlines():
+            print(f"forge: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("forge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""What :mod:`forge.ema` supports under sharding (the shared plumbing is :mod:`forge.core.distributed`).
+
+Under DDP and DeepSpeed ZeRO-1/2 every rank holds full, identical parameters, so the
+EMA needs no communication at all. Under FSDP2 (``fully_shard``) parameters are ``DTensor``s;
+the EMA keeps only the local shard and gathers full tensors for saving.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse layouts whose parameters are not what they look like, instead of averaging garbage.
+
+    Raises:
+        NotImplementedError: for FSDP1 flat parameters and DeepSpeed ZeRO-3 partitions.
+    """
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            raise NotImplementedError(
+                "forge.ema supports FSDP2 (torch.distributed.fsdp.fully_shard, accelerate "
+                "fsdp_version: 2); FSDP1 flattens parameters, so the EMA would track rank-local "
+                "flat buffers. Switch to fsdp_version 2."
+            )
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            raise NotImplementedError(
+                "forge.ema does not yet gather DeepSpeed ZeRO-3 partitions; use ZeRO-1/2 (full "
+                "parameters on every rank, works like DDP) or FSDP2."
+            )
+        break

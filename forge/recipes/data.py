@@ -1,0 +1,317 @@
+"""Read training data from local files into the dataset shapes TRL's trainers expect.
+
+Supported files: ``.jsonl``, ``.json``, ``.csv``, ``.parquet``, or a directory written by
+``datasets.Dataset.save_to_disk``. The format is detected from the columns (or named in
+``data.format``):
+
+=====================  ==========================================  =====================
+format                 columns                                      becomes (for TRL)
+=====================  ==========================================  =====================
+``messages``           ``messages``: [{role, content}, ...]         conversational LM
+``prompt_completion``  ``prompt``, ``completion``                   chat prompt/completion
+``alpaca``             ``instruction``, optional ``input``, ``output``  chat prompt/completion
+``text``               ``text``                                     plain LM
+``preference`` (DPO)   ``prompt``, ``chosen``, ``rejected``         chat preference
+=====================  ==========================================  =====================
+
+Every row is checked; a missing or empty field is a :class:`~forge.errors.ForgeError` naming
+the file, the row number (1-based, as an editor shows JSONL lines) and the field.
+
+Example:
+    >>> from forge.recipes.data import load_examples
+    >>> ds = load_examples("train.jsonl", method="sft")     # a datasets.Dataset
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from forge.errors import ForgeError
+
+REQUIRED = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    # chosen/rejected that each hold the whole dialogue, prompt included (HH-RLHF's own shape);
+    # the prompt is their common beginning, as TRL's extract_prompt takes it.
+    "implicit_preference": ("chosen", "rejected"),
+}
+PREFERENCE_FORMATS = ("preference", "implicit_preference")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+# `owner/name` (and `owner/name:config`), as on the Hugging Face Hub.
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?$")
+
+
+def is_hub_name(path: str) -> bool:
+    """Whether ``path`` names a Hub dataset (``owner/name``) rather than a local file."""
+    return bool(_HUB_NAME.match(path)) and not Path(path).expanduser().exists() \
+        and not path.endswith(DATA_SUFFIXES)
+
+
+def resolve_data_path(path: str) -> Path:
+    """``builtin:demo-sft`` or a filesystem path, checked to exist."""
+    from forge.demo import BUILTIN_PREFIX, builtin_data_path
+
+    if path.startswith(BUILTIN_PREFIX):
+        return builtin_data_path(path[len(BUILTIN_PREFIX):])
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ForgeError(f"data file '{path}' not found")
+    return resolved
+
+
+def read_hub(name: str, split: str) -> Any:
+    """A Hub dataset through ``datasets.load_dataset``; offline, only what the cache holds."""
+    import datasets
+
+    repo, _, config = name.partition(":")
+    offline = any(os.environ.get(v, "").upper() in ("1", "TRUE", "YES", "ON")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    try:
+        return datasets.load_dataset(repo, config or None, split=split)
+    except Exception as err:  # network, missing split, no such dataset: one line, named
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = " (offline: HF_HUB_OFFLINE is set and the dataset is not in the cache)" if offline else ""
+        raise ForgeError(f"data '{name}': not a local file, and the Hub dataset could not be "
+                         f"loaded{hint}: {first}") from None
+
+
+def _open_text(path: Path):
+    """Open a data file as text; ``.gz`` files are decompressed on the fly."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ForgeError(f"{path} row {lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ForgeError(f"{path} row {lineno}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        with _open_text(path) as f:
+            data = json.loads(f.read())
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # JSON Lines saved with a .json name
+            return _read_jsonl(path)
+        raise ForgeError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ForgeError(f"{path}: expected a JSON list of objects (or JSON Lines)")
+    return data
+
+
+def read_rows(path: Path, split: str = "train") -> Any:
+    """Read a data file or saved dataset directory into a ``datasets.Dataset``."""
+    import datasets
+
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise ForgeError(f"{path}: not a directory saved by datasets.save_to_disk") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ForgeError(f"{path}: no split '{split}' (has {', '.join(loaded)})")
+            loaded = loaded[split]
+        return loaded
+    suffix = data_suffix(path)
+    if suffix == ".jsonl":
+        return datasets.Dataset.from_list(_read_jsonl(path))
+    if suffix == ".json":
+        return datasets.Dataset.from_list(_read_json(path))
+    if suffix in (".csv", ".parquet"):
+        builder = suffix[1:]
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # pyarrow/pandas parse errors: name the file, keep one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ForgeError(f"{path}: cannot read {builder.upper()} ({first})") from None
+    raise ForgeError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .csv, "
+                     ".parquet, their .gz, a saved dataset directory or a Hub dataset name)")
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
+
+
+def data_suffix(path: Path) -> str:
+    """The data type of a file: ``.jsonl`` for both ``x.jsonl`` and ``x.jsonl.gz``."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def detect_format(columns: list[str], method: str) -> str:
+    """The data format implied by a set of column names."""
+    cols = set(columns)
+    if {"chosen", "rejected"} <= cols:
+        return "preference" if "prompt" in cols else "implicit_preference"
+    if "messages" in cols:
+        return "messages"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "text" in cols:
+        return "text"
+    wanted = "prompt/chosen/rejected" if method == "dpo" else (
+        "messages, prompt/completion, instruction/output or text")
+    raise ForgeError(f"cannot tell the data format from the columns {sorted(cols)}; "
+                     f"expected {wanted} (or set data.format)")
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list)) and len(value) == 0)
+
+
+def _check_messages(where: str, field: str, value: Any) -> None:
+    if not isinstance(value, list):
+        raise ForgeError(f"{where}: field '{field}' must be a list of {{role, content}} messages")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ForgeError(f"{where}: {field}[{i}] must have 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise ForgeError(f"{where}: {field}[{i}] has unknown role {msg['role']!r} "
+                             f"(expected one of {', '.join(ROLES)})")
+        if _empty(msg["content"]):
+            raise ForgeError(f"{where}: {field}[{i}] has empty 'content'")
+
+
+def check_rows(ds: Any, fmt: str, source: str) -> None:
+    """Raise a ForgeError naming the first row with a missing or empty required field."""
+    required = REQUIRED[fmt]
+    for n, row in enumerate(ds, 1):
+        where = f"{source} row {n}"
+        for field in required:
+            if _empty(row.get(field)):
+                raise ForgeError(f"{where}: field '{field}' is missing or empty")
+            value = row[field]
+            if fmt == "messages" or isinstance(value, list):
+                _check_messages(where, field, value)
+            elif not isinstance(value, str):
+                raise ForgeError(f"{where}: field '{field}' must be text, "
+                                 f"got {type(value).__name__}")
+        if fmt == "messages" and not any(m["role"] == "assistant" for m in row["messages"]):
+            raise ForgeError(f"{where}: field 'messages' has no assistant message to learn from")
+
+
+def _as_turn(role: str, value: Any) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def _to_trl(row: dict, fmt: str) -> dict:
+    if fmt == "alpaca":
+        extra = row.get("input") or ""
+        prompt = f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
+        return {"prompt": _as_turn("user", prompt), "completion": _as_turn("assistant", row["output"])}
+    if fmt == "prompt_completion":
+        return {"prompt": _as_turn("user", row["prompt"]),
+                "completion": _as_turn("assistant", row["completion"])}
+    if fmt == "preference":
+        return {"prompt": _as_turn("user", row["prompt"]),
+                "chosen": _as_turn("assistant", row["chosen"]),
+                "rejected": _as_turn("assistant", row["rejected"])}
+    if fmt == "implicit_preference":
+        return split_implicit_prompt(row["chosen"], row["rejected"])
+    return {REQUIRED[fmt][0]: row[REQUIRED[fmt][0]]}
+
+
+def hh_messages(text: str) -> list[dict] | None:
+    """HH-RLHF's ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` as chat messages (None if not that shape).
+
+    Example:
+        >>> hh_messages("\\n\\nHuman: hi\\n\\nAssistant: hello")
+        [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]
+    """
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> dict[str, Any]:
+    """``{prompt, chosen, rejected}`` from two whole dialogues that share their beginning.
+
+    HH-RLHF text becomes chat messages first (so the tokenizer's chat template formats it);
+    the shared beginning is found by TRL's own ``extract_prompt``.
+    """
+    from trl.data_utils import extract_prompt
+
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        as_chat = hh_messages(chosen), hh_messages(rejected)
+        if as_chat[0] and as_chat[1]:
+            chosen, rejected = as_chat
+    return extract_prompt({"chosen": chosen, "rejected": rejected})
+
+
+def load_examples(
+    path: str,
+    method: str = "sft",
+    fmt: str | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+) -> Any:
+    """Load, check and convert one data source into a ``datasets.Dataset`` for TRL.
+
+    Args:
+        path: a file, a saved dataset directory, or ``builtin:demo-sft`` / ``builtin:demo-dpo``.
+        method: ``"sft"`` or ``"dpo"``; DPO needs the preference format and SFT cannot use it.
+        fmt: a format name from the table above; None detects it from the columns.
+        split: the split to read from a saved ``DatasetDict``.
+        max_samples: keep only the first N rows.
+
+    Raises:
+        ForgeError: missing file, unknown format, a bad row (named by number), or no rows.
+    """
+    if is_hub_name(path):
+        source: Any = path
+        ds = read_hub(path, split)
+    else:
+        source = resolve_data_path(path)
+        ds = read_rows(source, split)
+    if len(ds) == 0:
+        raise ForgeError(f"{source}: the data set is empty")
+    fmt = fmt or detect_format(ds.column_names, method)
+    if method == "dpo" and fmt not in PREFERENCE_FORMATS:
+        raise ForgeError(f"{source}: method dpo needs prompt/chosen/rejected (or chosen/rejected) "
+                         f"columns, found format '{fmt}' (columns {sorted(ds.column_names)})")
+    if method == "sft" and fmt in PREFERENCE_FORMATS:
+        raise ForgeError(f"{source}: chosen/rejected data is for method dpo, not sft")
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    check_rows(ds, fmt, str(source))
+    import datasets
+
+    rows = []
+    for n, row in enumerate(ds, 1):
+        converted = _to_trl(row, fmt)
+        if fmt == "implicit_preference" and (_empty(converted["prompt"]) or _empty(converted["chosen"])):
+            raise ForgeError(f"{source} row {n}: chosen and rejected share no prompt (or one "
+                             "contains the other); give a prompt column")
+        rows.append(converted)
+    return datasets.Dataset.from_list(rows)

@@ -1,0 +1,198 @@
+"""Run a preset end to end: model, tokenizer, data, the three phases, TRL trainer, save.
+
+This is what ``forge train`` calls; from Python it is one line:
+
+Example:
+    >>> import forge
+    >>> result = forge.train(forge.load_preset("lora", {"training.max_steps": 20}))
+    >>> result.output_dir
+    'outputs/lora'
+
+The order (see :mod:`forge.recipes.phases`): the cheap checks first (arguments, output
+directory, data rows, tokenizer), then the model with quantization and PEFT, then the model
+transforms, memory planning and callbacks, then the trainer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forge.config.loader import Preset
+from forge.config.schema import has_eval
+from forge.core.console import is_main_process, note
+from forge.errors import ForgeError
+from forge.recipes.checkpoints import is_complete, last_complete_checkpoint, writes_markers
+from forge.recipes.data import load_examples
+from forge.recipes.model import adapter_base, load_model, load_tokenizer, model_max_positions
+from forge.recipes.output import check_output_dir, clear_previous_run, write_preset_file
+from forge.recipes.phases import Run, RunConfig
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    trainer: Any = None
+
+
+def load_datasets(preset: Preset | RunConfig) -> tuple[Any, Any]:
+    """The training set and the evaluation set (or None) a preset describes."""
+    data = preset.data
+    train_ds = load_examples(data.path, preset.method, data.format, data.split, data.max_samples)
+    eval_ds = None
+    if data.eval_path or data.eval_split:
+        eval_ds = load_examples(data.eval_path or data.path, preset.method, data.format,
+                                data.eval_split or data.split)
+    elif data.eval_fraction:
+        seed = _seed(preset)
+        split = train_ds.train_test_split(test_size=data.eval_fraction, seed=seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    return train_ds, eval_ds
+
+
+def _seed(preset: Preset | RunConfig) -> int:
+    if isinstance(preset, RunConfig):
+        return int(preset.training_args.seed)
+    return int(preset.config["training"].get("seed", 42))
+
+
+def build_trainer(preset: Preset, resume: bool | str = False) -> Any:
+    """Load everything a preset names and return the ready TRL trainer (not yet trained).
+
+    ``resume`` (True for the newest checkpoint in the output dir, or a path) is recorded in
+    ``args.resume_from_checkpoint`` so that features restore their state from it.
+    """
+    return _build(RunConfig.from_preset(preset), resume)
+
+
+def _build(config: RunConfig, resume: bool | str) -> Any:
+    import trl
+    from transformers import set_seed
+
+    args = config.training_args
+    if resume:
+        args.resume_from_checkpoint = (
+            get_last_checkpoint(args.output_dir) if resume is True else str(resume))
+    if has_eval(config.data) and "eval_strategy" not in config.explicit_training:
+        args.eval_strategy = "steps"  # an eval set the user gave should be used
+    # Seed before the model loads, so LoRA's random init is reproducible too.
+    set_seed(args.seed)
+    # Cheapest checks first: a bad data row should not wait for a model download.
+    train_ds, eval_ds = load_datasets(config)
+    tokenizer = load_tokenizer(config.model)
+    _cap_max_length(args, config)
+    base = adapter_base(config.model.name_or_path)
+    if base is not None:
+        note(_adapter_note(config, base))
+    model = load_model(config.model, config.quantization, config.peft)
+    run = Run(config, model, tokenizer, train_ds, eval_ds)
+    run.transform_model()
+    run.plan_memory()
+    run.add_callbacks()
+    extra = dict(run.trainer_kwargs)
+    trainer_cls = trl.SFTTrainer if config.method == "sft" else trl.DPOTrainer
+    accepted = inspect.signature(trainer_cls.__init__).parameters
+    late = {k: extra.pop(k) for k in list(extra) if k not in accepted}
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, **extra)
+    if config.quantization is not None:
+        _keep_adapters_in_float32(trainer.model)
+    for key, value in late.items():
+        # e.g. DPOTrainer takes no optimizer_cls_and_kwargs; the base Trainer reads the
+        # attribute when it creates the optimizer, so setting it before train() is enough.
+        setattr(trainer, key, value)
+    return trainer
+
+
+def _adapter_note(config: RunConfig, base: str) -> str:
+    """What forge does with a saved adapter given as the model, in one line."""
+    where = f"model: {config.model.name_or_path} is an adapter of {base}"
+    if config.peft is None:
+        return f"{where}; it is merged into the base for a full fine-tune"
+    reference = "; DPO's reference is a frozen copy of it" if config.method == "dpo" else ""
+    return (f"{where}; that adapter trains further (the preset's peft: section is not used), so "
+            f"the saved result on that base is the model of both stages{reference}")
+
+
+def _cap_max_length(args: Any, config: RunConfig) -> None:
+    """Never ask for more positions than the model has: cap ``max_length`` with a note.
+
+    Past ``max_position_embeddings`` a model's position table ends (transformers only warns
+    about the indexing), so a preset default of 1024 on a 512-position model must not stand.
+    """
+    limit = model_max_positions(config.model)
+    wanted = getattr(args, "max_length", None)
+    if limit and wanted and wanted > limit:
+        note(f"data.max_length {wanted} is more than the {limit} positions the model has; using {limit}")
+        args.max_length = limit
+
+
+def _keep_adapters_in_float32(model: Any) -> None:
+    """Undo TRL's cast of QLoRA adapters to bf16, so resumed runs train what the first did.
+
+    TRL's SFTTrainer casts the trainable adapter weights of a quantized model to bf16, but on
+    resume transformers reloads them from the checkpoint in float32 (PEFT's default), so a
+    resumed QLoRA run would silently train in another dtype than the run it continues. forge
+    keeps them in float32 from the start: exact resume, and adapter updates that bf16 would
+    round away are kept (the adapters are a few MB, so the memory cost is small).
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
+def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -> TrainResult:
+    """Train a preset and save the model (or adapter) and resolved preset to the output dir.
+
+    Args:
+        preset: from :func:`forge.load_preset`.
+        overwrite: allow writing into a non-empty output directory.
+        resume: True to continue from the newest checkpoint in the output directory, or a
+            checkpoint path.
+
+    Returns:
+        A :class:`TrainResult` with the output directory and the final metrics.
+
+    Raises:
+        ForgeError: any mistake in the preset, the data or the paths, in one line.
+    """
+    config = RunConfig.from_preset(preset)
+    output_dir = config.training_args.output_dir
+    check_output_dir(output_dir, overwrite, bool(resume))
+    if resume is True and get_last_checkpoint(output_dir) is None:
+        raise ForgeError(f"--resume: no complete checkpoint-* directory in '{output_dir}'")
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise ForgeError(f"--resume: checkpoint '{resume}' not found")
+    if isinstance(resume, str) and not is_complete(resume, writes_markers(Path(resume).parent)):
+        raise ForgeError(f"--resume: checkpoint '{resume}' is incomplete (an interrupted save?)")
+    if overwrite and not resume and is_main_process():
+        removed = clear_previous_run(output_dir)
+        if removed:
+            note(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
+    trainer = _build(config, resume)
+    if trainer.args.resume_from_checkpoint:
+        note(f"resuming from {trainer.args.resume_from_checkpoint}")
+    if trainer.is_world_process_zero():
+        # Written first, so a run that crashes can be resumed with `forge train --resume CKPT`.
+        write_preset_file(config.preset_yaml, output_dir)
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        write_preset_file(config.preset_yaml, output_dir)
+        # The loss curve and metrics, in the Trainer's own format, for reports and tests.
+        trainer.state.save_to_json(str(Path(output_dir, "trainer_state.json")))
+    return TrainResult(output_dir=output_dir, metrics=dict(result.metrics),
+                       log_history=list(trainer.state.log_history), trainer=trainer)
+
+
+def get_last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete ``checkpoint-N`` directory in ``output_dir``, or None."""
+    return last_complete_checkpoint(output_dir)

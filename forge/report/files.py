@@ -1,0 +1,88 @@
+"""What a run directory holds, read once: the Trainer's log history (final state and
+checkpoints merged), the monitor's summary and the resolved preset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forge.core.paths import PRESET_FILE, STATE_FILE
+from forge.errors import ForgeError
+
+MONITOR_FILE = "monitor_summary.json"
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds, read once.
+
+    Attributes:
+        run_dir: the directory.
+        log_history: the Trainer's log entries, merged over the final state and checkpoints.
+        sources: the files ``log_history`` came from.
+        monitor: the gradient monitor's summary, or None.
+        preset_yaml: the resolved preset (secrets redacted), or None.
+        state: the newest ``trainer_state.json`` minus its log history.
+    """
+
+    run_dir: Path
+    log_history: list[dict[str, Any]]
+    sources: list[str]
+    monitor: dict[str, Any] | None = None
+    preset_yaml: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ForgeError(f"cannot read '{path}': {err}") from None
+
+
+def load_run(run_dir: str | Path) -> RunFiles:
+    """Read a run directory: merged log history, monitor summary and preset.
+
+    Checkpoint states come first (oldest step first) and the final ``trainer_state.json``
+    last; an entry logged again later (same step, same keys, e.g. after a resume) replaces the
+    earlier one, so a crashed run without a final state still has its checkpoints' history.
+
+    Raises:
+        ForgeError: no such directory, or no trainer state in it.
+
+    Example:
+        >>> load_run("outputs/demo").log_history[0]["loss"]  # doctest: +SKIP
+        6.02
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ForgeError(f"run directory '{run_dir}' not found")
+
+    def ckpt_step(path: Path) -> int:
+        tail = path.parent.name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    paths = sorted(root.glob(f"checkpoint-*/{STATE_FILE}"), key=ckpt_step)
+    if (root / STATE_FILE).is_file():
+        paths.append(root / STATE_FILE)
+    if not paths:
+        raise ForgeError(f"'{run_dir}' has no {STATE_FILE} (nor checkpoint-*/{STATE_FILE}); "
+                         "is it the output directory of `forge train`?")
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    state: dict[str, Any] = {}
+    for path in paths:
+        data = _read_json(path)
+        for entry in data.get("log_history", []):
+            merged[(entry.get("step"), tuple(sorted(entry)))] = entry
+        state = {k: v for k, v in data.items() if k != "log_history"}
+    history = sorted(merged.values(), key=lambda e: e.get("step") or 0)  # stable within a step
+    monitor = _read_json(root / MONITOR_FILE) if (root / MONITOR_FILE).is_file() else None
+    preset = None
+    if (root / PRESET_FILE).is_file():
+        from forge.trackers.redact import redact_yaml
+
+        preset = redact_yaml((root / PRESET_FILE).read_text(encoding="utf-8"))
+    sources = [str(p.relative_to(root)) for p in paths]
+    return RunFiles(root, history, sources, monitor, preset, state)

@@ -1,1 +1,0 @@
-"""Shipped YAML presets, installed as data (see ``forge.presets.presets_dir``)."""
