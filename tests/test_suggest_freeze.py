@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _memory_oracle import available as oracle_available
+from _memory_oracle import rss_growth
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from forge.layers.suggest import suggest_freeze
@@ -43,31 +41,10 @@ def _batch(config=CONFIG):
 
 def _measure_in_fresh_processes(freeze_lists: list[list[int]]) -> list[int]:
     """Peak RSS growth of each plan, each in its own new interpreter (started side by side)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "_freeze_memory_probe.py"),
-                json.dumps({"config": CONFIG, "batch": BATCH, "seq": SEQ, "freeze": f, "steps": 3}),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for f in freeze_lists
-    ]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=240)
-        assert p.returncode == 0, stderr[-2000:]
-        out.append(json.loads(stdout.strip().splitlines()[-1])["growth"])
-    return out
+    return rss_growth([{"config": CONFIG, "batch": BATCH, "seq": SEQ, "freeze": f, "steps": 2} for f in freeze_lists])
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset peak RSS")
+@pytest.mark.skipif(not oracle_available(), reason="needs Linux /proc to reset peak RSS")
 def test_budget_choice_fits_and_estimate_within_15_percent_of_measurement():
     model = _model()
     plans = suggest_freeze(model, _batch()).plans

@@ -1,38 +1,41 @@
 """One real step at a given batch size, and the memory it needed: the probes of :mod:`forge.autotune`.
 
-Two ways to measure, same step:
-
-* ``cuda``: the allocator's own high-water mark (``torch.cuda.max_memory_allocated``) after a
-  forward, backward and optimizer step; an out-of-memory error is caught and reported as a
-  failed probe, with memory freed before the next one.
-* ``accounting`` (any device, the CPU included): the bytes a training step keeps alive at its
-  steady-state peak, counted exactly: parameters and buffers, activations autograd saves for
-  backward (through ``torch.autograd.graph.saved_tensors_hooks``), gradients and optimizer
-  state. Evaluation, which saves nothing, is counted as the high-water mark of tensors created
-  during the forward (a ``TorchDispatchMode``). Allocator fragmentation and short-lived
-  workspace are not in it; the search's safety margin is for those.
+The measurement is forge's one memory model, :class:`forge.core.memory.StepMemory` (the same
+that ``suggest_freeze`` uses): a real steady-state step (forward, backward, clipping and the
+optimizer step, the optimizer state allocated by a warm-up step, the previous micro-batch's
+gradients alive under accumulation) measured on CUDA by the allocator's peak
+(``torch.cuda.max_memory_allocated``) and elsewhere by the high-water mark of live tensors
+(:class:`~forge.core.memory.LiveBytes`), with weights, optimizer state and held gradients
+added explicitly. An out-of-memory error is caught and reported as a failed probe, with
+memory freed before the next one.
 
 The optimizer runs with ``lr=0`` so the probes leave the weights bit-for-bit unchanged. The
 helpers at the end read from ``TrainingArguments`` what the probes must imitate: the
-optimizer, mixed precision, gradient checkpointing, the world size and the budget.
+optimizer, mixed precision, gradient checkpointing, clipping, the world size and the budget.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from forge.core.memory import LiveBytes
+from forge.core.memory import (
+    OptimizerFactory,
+    StepMemory,
+    model_bytes,
+    optimizer_state_bytes,
+    storage_bytes,
+)
+
+__all__ = ["StepProbe", "is_oom", "model_bytes", "optimizer_state_bytes", "storage_bytes"]
 
 OOM_MARKERS = ("out of memory", "can't allocate memory", "CUBLAS_STATUS_ALLOC_FAILED",
                "CUDNN_STATUS_NOT_SUPPORTED", "DefaultCPUAllocator")
-
-OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 def is_oom(err: BaseException) -> bool:
@@ -42,51 +45,30 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in str(err) for m in OOM_MARKERS)
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    try:
-        storage = t.untyped_storage()
-        return storage.data_ptr(), storage.nbytes()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-        return id(t), t.numel() * t.element_size()
-
-
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (tied weights and views count once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            key, nbytes = _storage_key(t)
-            seen[key] = nbytes
-    return sum(seen.values())
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Parameters and buffers of a model, each storage once."""
-    return storage_bytes([*model.parameters(), *model.buffers()])
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors an optimizer keeps per parameter (moments, step counters)."""
-    return storage_bytes(v for state in optimizer.state.values() for v in state.values())
-
-
 class StepProbe:
     """Callable ``probe(batch) -> peak bytes | None``: one real step of ``model`` at a batch size.
 
     Args:
-        model: the model as it will train (PEFT-wrapped, quantized, on its device).
+        model: the model as it will train (PEFT-wrapped, quantized, frozen, on its device).
         seq_len: tokens per row; probe rows are random token ids of this length.
-        mode: ``"cuda"`` (allocator high-water mark, OOM caught) or ``"accounting"``.
         train: a training step (forward, backward, optimizer step) or an evaluation forward.
         optimizer_factory: builds the run's optimizer over the trainable parameters with
             ``lr=0``; default AdamW.
         autocast_dtype: mixed-precision dtype the run uses (bf16/fp16), or None.
         rows_per_example: sequences per example (2 for DPO's chosen and rejected).
+        accumulation_steps: above 1, the previous micro-batch's gradients are held during
+            the measured step (as under gradient accumulation).
+        max_grad_norm: the run's gradient clipping (None: none).
+
+    Attributes:
+        optimizer_bytes: the optimizer state the training probes hold.
+        last: the :class:`~forge.core.memory.StepPeak` of the last probe that ran.
 
     Example:
-        >>> probe = StepProbe(model, seq_len=128, mode="accounting")
+        >>> probe = StepProbe(model, seq_len=128)
         >>> probe(4) > probe(2)      # bytes of one training step at batch 4 and at 2
         True
+        >>> probe.release()          # free the probes' optimizer state
     """
 
     def __init__(
@@ -94,24 +76,29 @@ class StepProbe:
         model: nn.Module,
         seq_len: int,
         *,
-        mode: str = "accounting",
         train: bool = True,
         optimizer_factory: OptimizerFactory | None = None,
         autocast_dtype: torch.dtype | None = None,
         rows_per_example: int = 1,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
     ) -> None:
         self.model = model
         self.seq_len = seq_len
-        self.mode = mode
         self.train = train
-        self.optimizer_factory = optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=0.0))
-        self.autocast_dtype = autocast_dtype
         self.rows_per_example = rows_per_example
-        first = next(model.parameters())
-        self.device = first.device
+        self.memory = StepMemory(model, optimizer_factory=optimizer_factory, accumulation_steps=accumulation_steps,
+                                 max_grad_norm=max_grad_norm, autocast_dtype=autocast_dtype)
+        self.device = self.memory.device
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self.vocab_size = int(getattr(embeddings, "num_embeddings", 0) or model.config.vocab_size)
-        self.optimizer_bytes = 0  # state of the last training probe's optimizer
+        self.optimizer_bytes = 0
+        self.last = None
+
+    @property
+    def mode(self) -> str:
+        """``cuda`` (the allocator's peak) or ``live`` (the live-tensor high-water mark)."""
+        return "cuda" if self.memory.cuda else "live"
 
     def _batch(self, batch: int) -> dict[str, torch.Tensor]:
         # A private generator: probing must not move the global RNG the run is seeded with.
@@ -120,84 +107,42 @@ class StepProbe:
         ids = ids.to(self.device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-    def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(**inputs)
-        return out.loss if hasattr(out, "loss") else out[0]
-
-    def _train_step(self, batch: int) -> int:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("autotune: the model has no trainable parameters")
-        inputs = self._batch(batch)
-        optimizer = self.optimizer_factory(params)
-        saved: dict[int, Any] = {}
-        fixed = {_storage_key(t)[0] for t in [*self.model.parameters(), *self.model.buffers()]}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            key, _ = _storage_key(t)
-            if key not in fixed:
-                # A strong reference, so a freed storage's address cannot be reused and
-                # mistaken for one already counted while the forward runs.
-                saved[key] = t
-            return t
-
-        hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-                 if self.mode == "accounting" else contextlib.nullcontext())
-        with self._autocast(), hooks:
-            loss = self._loss(inputs)
-        activations = storage_bytes(saved.values())
-        saved.clear()
-        loss.backward()
-        del loss
-        grads = storage_bytes(p.grad for p in params if p.grad is not None)
-        optimizer.step()
-        self.optimizer_bytes = optimizer_state_bytes(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer
-        # Steady state of a run: weights, optimizer state and gradients stay allocated while
-        # the next micro-batch's forward saves its activations.
-        return model_bytes(self.model) + self.optimizer_bytes + grads + activations
-
-    def _eval_step(self, batch: int) -> int:
-        inputs = self._batch(batch)
-        tracker = LiveBytes() if self.mode == "accounting" else contextlib.nullcontext()
-        with torch.no_grad(), self._autocast(), tracker:
-            loss = self._loss(inputs)
-            del loss
-        return model_bytes(self.model) + (tracker.peak if isinstance(tracker, LiveBytes) else 0)
+    def release(self) -> None:
+        """Free the optimizer state the training probes hold."""
+        self.memory.release()
 
     def __call__(self, batch: int) -> int | None:
+        found = self.measure(batch)
+        return None if found is None else found[0]
+
+    def measure(self, batch: int) -> tuple[int, int] | None:
+        """``(peak bytes, forward/backward peak bytes)`` of one step, or None when it ran out
+        of memory: what :func:`~forge.autotune.search.search_batch_size` fits its line on."""
         was_training = self.model.training
         self.model.train(self.train)
-        cuda = self.mode == "cuda"
+        cuda = self.memory.cuda
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        failed = False
+        peak = None
         try:
-            counted = self._train_step(batch) if self.train else self._eval_step(batch)
-            if cuda:
-                torch.cuda.synchronize(self.device)
+            inputs = self._batch(batch)
+            peak = self.memory.measure(inputs) if self.train else self.memory.measure_eval(inputs)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
             if not is_oom(err):
                 raise
-            failed = True
         finally:
             self.model.zero_grad(set_to_none=True)
             self.model.train(was_training)
         # Outside the except block: the traceback that held the step's tensors is gone now.
         if cuda:
-            peak = torch.cuda.max_memory_allocated(self.device)
             gc.collect()
             torch.cuda.empty_cache()
-            return None if failed else peak
-        return None if failed else counted
+        if peak is None:
+            return None
+        self.last = peak
+        self.optimizer_bytes = peak.optimizer_bytes
+        return peak.peak_bytes, peak.forward_backward_bytes
 
 
 # -- the run the probes imitate ------------------------------------------------------------

@@ -40,8 +40,8 @@ class AutotuneResult:
         budget: bytes a step may use on one device (after ``reserved``).
         reserved: bytes held back for what the probe cannot see (DDP buckets, a reference model).
         safety_margin: fraction of the budget the prediction kept free.
-        mode: ``cuda`` (allocator peak), ``accounting`` (counted bytes) or ``reused`` (read
-            from a checkpoint, no probes).
+        mode: ``cuda`` (allocator peak), ``live`` (live-tensor high-water mark, any other
+            device) or ``reused`` (read from a checkpoint, no probes).
         probes: the training probes, in order.
         fit: the fitted ``bytes = intercept + per_sample * batch``.
         backed_off: the confirm probe did not fit and a smaller batch was taken.
@@ -69,7 +69,7 @@ class AutotuneResult:
     budget: int
     reserved: int = 0
     safety_margin: float = 0.05
-    mode: str = "accounting"
+    mode: str = "live"
     probes: list[Probe] = field(default_factory=list)
     fit: LinearFit | None = None
     backed_off: bool = False
@@ -105,12 +105,12 @@ def format_table(result: AutotuneResult) -> str:
 
     Example:
         >>> print(format_table(result))    # doctest: +SKIP
-        autotune: accounting, budget 16.00 MB (margin 5%), seq_len 32, world 1
+        autotune: live-tensor high-water mark, budget 16.00 MB (margin 5%), seq_len 32, world 1
         probe  #   batch      memory  budget fits role       time
         train  1       1     1.77 MB   11.1% yes  fit       0.03s
         ...
     """
-    where = {"cuda": "CUDA allocator peak", "accounting": "accounting (counted bytes)",
+    where = {"cuda": "CUDA allocator peak", "live": "live-tensor high-water mark",
              "reused": "reused from a checkpoint"}.get(result.mode, result.mode)
     head = (f"autotune: {where}, budget {format_bytes(result.budget)} "
             f"(margin {result.safety_margin:.0%}), seq_len {result.seq_len}, world {result.world_size}")
@@ -149,7 +149,12 @@ def figures_of(result: AutotuneResult) -> dict[str, float]:
            "forge/autotune/global_batch": float(result.global_batch),
            "forge/autotune/budget_gib": result.budget / gib,
            "forge/autotune/reserved_gib": result.reserved / gib}
-    if result.fit is not None:
+    # The peak a probe measured at the chosen batch (it confirmed the choice), else the line's.
+    measured = [p.bytes for p in result.probes if p.ok and p.bytes is not None
+                and p.batch_size == result.per_device_train_batch_size]
+    if measured:
+        out["forge/autotune/estimated_peak_gib"] = measured[-1] / gib
+    elif result.fit is not None:
         out["forge/autotune/estimated_peak_gib"] = result.fit.predict(result.per_device_train_batch_size) / gib
     return out
 

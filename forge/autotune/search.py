@@ -21,8 +21,9 @@ MAX_PROBES = 5
 # slope error of two neighbouring small batches is multiplied by the extrapolation length.
 REFINE_RATIO = 4
 
-# A measurement: peak bytes of one step at a batch size, or None when it ran out of memory.
-Measure = Callable[[int], "int | None"]
+# A measurement: peak bytes of one step at a batch size, or None when it ran out of memory; or
+# (peak bytes, the part of it that grows with the batch, to fit the line on).
+Measure = Callable[[int], "int | tuple[int, int] | None"]
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Probe:
         ok: whether it fit the budget.
         role: ``fit``, ``refine``, ``confirm`` or ``back-off``.
         seconds: wall time of the probe.
+        fit_bytes: the bytes the line is fitted on (default ``bytes``): a step's peak is the
+            larger of its forward/backward (linear in the batch) and its optimizer step (fixed),
+            so small probes can sit on the flat part and must not flatten the line.
 
     Example:
         >>> Probe(batch_size=4, bytes=3_000_000, ok=True, role="fit").ok
@@ -46,6 +50,12 @@ class Probe:
     ok: bool
     role: str = "fit"
     seconds: float = 0.0
+    fit_bytes: int | None = None
+
+    @property
+    def line_bytes(self) -> int | None:
+        """What the fit uses: ``fit_bytes`` when the measurement gave it, else ``bytes``."""
+        return self.fit_bytes if self.fit_bytes is not None else self.bytes
 
 
 @dataclass
@@ -114,6 +124,8 @@ def search_batch_size(
     Args:
         measure: runs one real step at a batch size and returns its peak bytes, or None
             when it ran out of memory. A measurement above ``budget`` also counts as a failure.
+            It may return ``(peak, linear)`` instead: the line is then fitted on ``linear``
+            (the forward/backward peak), the budget still checked against ``peak``.
         budget: bytes a step may use.
         cap: never probe or choose more than this (e.g. the per-device share of the
             target global batch, or the data set size).
@@ -137,8 +149,11 @@ def search_batch_size(
     def run(batch: int, role: str) -> Probe:
         start = time.perf_counter()
         peak = measure(batch)
+        linear = None
+        if isinstance(peak, tuple):
+            peak, linear = peak
         ok = peak is not None and peak <= budget
-        probe = Probe(batch, peak, ok, role, time.perf_counter() - start)
+        probe = Probe(batch, peak, ok, role, time.perf_counter() - start, fit_bytes=linear)
         probes.append(probe)
         return probe
 
@@ -149,7 +164,7 @@ def search_batch_size(
         return min((p.batch_size for p in probes if not p.ok), default=cap + 1)
 
     def fitted() -> LinearFit | None:
-        points = [(p.batch_size, p.bytes) for p in probes if p.ok and p.bytes is not None]
+        points = [(p.batch_size, p.line_bytes) for p in probes if p.ok and p.bytes is not None]
         return fit_line(points) if len({b for b, _ in points}) >= 2 else None
 
     cap = max(1, cap)
@@ -180,8 +195,8 @@ def search_batch_size(
     # failure without a measurement (a real OOM) is placed at the budget: the true curve
     # lies above that point, so the margin keeps the retry below it.
     base = largest_ok()
-    base_bytes = max(p.bytes for p in probes if p.ok and p.batch_size == base)
-    over = confirm.bytes if confirm.bytes is not None else budget
+    base_bytes = max(p.line_bytes for p in probes if p.ok and p.batch_size == base)
+    over = confirm.line_bytes if confirm.bytes is not None else budget
     slope = max((over - base_bytes) / (confirm.batch_size - base), 1e-9)
     limit = base + math.floor(max(target - base_bytes, 0) / slope)
     limit = max(1, min(limit, confirm.batch_size - 1))

@@ -148,7 +148,6 @@ def _search(model: nn.Module, args: Any, target: int | None, world: int, max_mem
             measure: Callable[[int], int | None] | None) -> AutotuneResult:
     """The training search: budget, probe, five-probe search, split into accumulation."""
     device = next(model.parameters()).device
-    mode = "cuda" if device.type == "cuda" else "accounting"
     reserved = int(reserved_bytes)
     if world > 1:
         # DDP keeps a gradient-sized bucket copy of the trainable parameters.
@@ -156,11 +155,19 @@ def _search(model: nn.Module, args: Any, target: int | None, world: int, max_mem
     budget = budget_bytes(max_memory, device) - reserved
     cap = math.ceil(target / world) if target is not None else DEFAULT_MAX_BATCH
     cap = min(cap, max_batch) if max_batch else cap
-    probe = StepProbe(model, seq_len, mode=mode, optimizer_factory=optimizer_factory(args, model),
-                      autocast_dtype=autocast_dtype(args), rows_per_example=rows)
-    with as_trained(model, args, device):
-        outcome = search_batch_size(measure or probe, budget, cap=cap, margin=margin,
-                                    pick=lambda limit: split_global_batch(limit, target, world)[0])
+    # Whenever the target may need accumulation, the probes hold the previous micro-batch's
+    # gradients through the step, as every micro-batch after the first of a window does.
+    accumulating = target is not None and math.ceil(target / world) > 1
+    probe = StepProbe(model, seq_len, optimizer_factory=optimizer_factory(args, model),
+                      autocast_dtype=autocast_dtype(args), rows_per_example=rows,
+                      accumulation_steps=2 if accumulating else 1,
+                      max_grad_norm=getattr(args, "max_grad_norm", None))
+    try:
+        with as_trained(model, args, device):
+            outcome = search_batch_size(measure or probe.measure, budget, cap=cap, margin=margin,
+                                        pick=lambda limit: split_global_batch(limit, target, world)[0])
+    finally:
+        probe.release()
     if outcome.batch_size == 0:
         one = outcome.probes[0].bytes
         raise ForgeError(
@@ -173,7 +180,7 @@ def _search(model: nn.Module, args: Any, target: int | None, world: int, max_mem
         per_device_train_batch_size=per_device, gradient_accumulation_steps=steps, world_size=world,
         global_batch=per_device * steps * world, target_global_batch=target,
         max_per_device=outcome.limit, seq_len=seq_len, budget=budget, reserved=reserved,
-        safety_margin=margin, mode=mode, probes=outcome.probes, fit=outcome.fit,
+        safety_margin=margin, mode=probe.mode, probes=outcome.probes, fit=outcome.fit,
         backed_off=outcome.backed_off)
     result.optimizer_bytes = probe.optimizer_bytes
     if not result.exact:
@@ -197,12 +204,11 @@ def _search_eval(result: AutotuneResult, model: nn.Module, args: Any, seq_len: i
                  measure: Callable[[int], int | None] | None) -> None:
     """The evaluation search, after and apart from the training one, whose choice it never touches."""
     device = next(model.parameters()).device
-    probe = StepProbe(model, seq_len, mode=result.mode, train=False, autocast_dtype=autocast_dtype(args),
-                      rows_per_example=rows)
+    probe = StepProbe(model, seq_len, train=False, autocast_dtype=autocast_dtype(args), rows_per_example=rows)
     # The Trainer evaluates mid-run, with the optimizer state still allocated.
     result.eval_budget = result.budget - result.optimizer_bytes
     with as_trained(model, args, device):
-        found = search_batch_size(measure or probe, result.eval_budget, cap=cap,
+        found = search_batch_size(measure or probe.measure, result.eval_budget, cap=cap,
                                   margin=result.safety_margin)
     result.eval_probes = found.probes
     result.per_device_eval_batch_size = agree_across_ranks(max(1, found.batch_size), device)

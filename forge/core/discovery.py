@@ -2,12 +2,20 @@
 head a model has, and which group each parameter belongs to.
 
 ``find_layers`` finds the repeated transformer blocks by structure (the longest ``nn.ModuleList``
-of identical blocks, per encoder/decoder), the embeddings, the final norm and the head. Freezing,
-schedules, layer-wise LR, the gradient monitor and EMA all read the same :class:`LayerInfo`.
+of identical blocks, per encoder/decoder; inside the language model on a multimodal model), the
+embeddings, the final norm, the head and a vision tower. Freezing, schedules, layer-wise LR,
+the gradient monitor and EMA all read the same :class:`LayerInfo`.
+
+On a vision-language model (LLaVA, Qwen2-VL, ...) the vision encoder is often the longest
+stack; the blocks are taken from the language model instead (``get_decoder()``, or, failing
+that, any stack outside the vision tower), and the tower's parameters form their own group,
+``vision``, that freezing can address on purpose. The tower is the module whose ``config`` is
+the model config's vision part (``config.vision_config``).
 
 Everything here works from module structure and the generic ``PreTrainedModel`` API
-(``get_input_embeddings``, ``get_output_embeddings``, ``base_model``, ``get_encoder``), never
-from a per-architecture table, so new HF architectures work without changes.
+(``get_input_embeddings``, ``get_output_embeddings``, ``base_model``, ``get_encoder``,
+``get_decoder``, the config's sub-configs), never from a per-architecture table, so new HF
+architectures work without changes.
 """
 
 from __future__ import annotations
@@ -81,8 +89,43 @@ def _path_of(root: nn.Module, target: nn.Module | None) -> str | None:
     return None
 
 
+def _inside(path: str, outer: str) -> bool:
+    return outer == "" or path == outer or path.startswith(outer + ".")
+
+
+def vision_towers(hf_model: nn.Module) -> list[str]:
+    """Module paths of a multimodal model's vision encoder(s): the outermost modules whose
+    ``config`` is a vision part of the model's config (``vision_config``); ``[]`` on a text model.
+
+    Example::
+
+        vision_towers(llava)   # ['model.vision_tower']
+    """
+    config = getattr(hf_model, "config", None)
+    if config is None:
+        return []
+    keys = set(getattr(config, "sub_configs", None) or {}) | set(vars(config))
+    parts = [sub for key in sorted(keys) if "vision" in key
+             and (sub := getattr(config, key, None)) is not None and sub is not config and hasattr(sub, "to_dict")]
+    found: list[str] = []
+    for name, module in hf_model.named_modules():
+        if name and any(getattr(module, "config", None) is sub for sub in parts) \
+                and not any(_inside(name, outer) for outer in found):
+            found.append(name)
+    return found
+
+
+def _getter_path(hf_model: nn.Module, getter: str) -> str | None:
+    try:
+        sub = getattr(hf_model, getter)()
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return None
+    return _path_of(hf_model, sub) if isinstance(sub, nn.Module) else None
+
+
 def select_stacks(hf_model: nn.Module) -> list[str]:
-    """Pick the transformer block lists: the longest list of identical blocks, per encoder/decoder.
+    """Pick the transformer block lists: the longest list of identical blocks, per encoder/decoder,
+    inside the language model of a multimodal model.
 
     Args:
         hf_model: the unwrapped HF model.
@@ -96,18 +139,21 @@ def select_stacks(hf_model: nn.Module) -> list[str]:
             f"{type(hf_model).__name__}: found no nn.ModuleList of identical blocks; "
             "this model has no repeated transformer layers to freeze."
         )
+    towers = vision_towers(hf_model)
+    outside = [c for c in candidates if not any(_inside(c, t) for t in towers)]
+    # A vision encoder's blocks are never the trunk the features act on (when anything else is left).
+    candidates = outside or candidates
     config = getattr(hf_model, "config", None)
     parts: list[str] = []
     if getattr(config, "is_encoder_decoder", False):
         # Encoder and decoder blocks often differ in class (BART) or count (T5 variants).
-        for getter in ("get_encoder", "get_decoder"):
-            try:
-                sub = getattr(hf_model, getter)()
-            except (AttributeError, NotImplementedError, TypeError):
-                sub = None
-            path = _path_of(hf_model, sub)
-            if path is not None:
-                parts.append(path)
+        parts = [p for g in ("get_encoder", "get_decoder") if (p := _getter_path(hf_model, g)) is not None]
+    else:
+        # The language model of a multimodal model (`model.language_model`); on a plain
+        # decoder this is the base model, which holds every candidate anyway.
+        decoder = _getter_path(hf_model, "get_decoder")
+        if decoder and any(_inside(c, decoder) for c in candidates):
+            candidates = [c for c in candidates if _inside(c, decoder)]
     chosen: list[str] = []
     if parts:
         for part in parts:
@@ -133,9 +179,10 @@ def group_parameters(
 
     Returns:
         ``(groups, block_paths, module_paths, tied_head)`` where ``groups`` maps group keys
-        (``"embeddings"``, ``"block.<i>"``, ``"norm"``, ``"head"``, ``"other"``) to parameter names
-        relative to ``root``; ``block_paths`` are the block module paths relative to ``root``;
-        ``module_paths`` maps ``embeddings``/``norm``/``head`` to module paths relative to ``root``.
+        (``"vision"``, ``"embeddings"``, ``"block.<i>"``, ``"norm"``, ``"head"``, ``"other"``) to
+        parameter names relative to ``root``; ``block_paths`` are the block module paths relative
+        to ``root``; ``module_paths`` maps ``vision``/``embeddings``/``norm``/``head`` to module
+        paths relative to ``root``.
     """
     prefix = _path_of(root, hf_model) or ""
     join = (lambda p: f"{prefix}.{p}" if p else prefix) if prefix else (lambda p: p)
@@ -150,9 +197,14 @@ def group_parameters(
     for i, block in enumerate(blocks):
         for p in block.parameters():
             owner.setdefault(id(p), f"block.{i}")
-    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    towers = [hf_model.get_submodule(t) for t in vision_towers(hf_model)]
+    for tower in towers:
+        for p in tower.parameters():
+            owner.setdefault(id(p), "vision")
+    # The vision tower's own patch embeddings and norms are the tower's, not the language model's.
+    in_blocks = {id(m) for b in [*blocks, *towers] for m in b.modules()}
 
-    modules: dict[str, list[nn.Module]] = {"embeddings": [], "head": [], "norm": []}
+    modules: dict[str, list[nn.Module]] = {"vision": towers, "embeddings": [], "head": [], "norm": []}
     get_in = getattr(hf_model, "get_input_embeddings", None)
     input_emb = get_in() if callable(get_in) else None
     if input_emb is not None:
@@ -184,7 +236,7 @@ def group_parameters(
     emb_ids = {id(p) for m in modules["embeddings"] for p in m.parameters()}
     tied_head = any(id(p) in emb_ids for m in modules["head"] for p in m.parameters())
 
-    groups: dict[str, list[str]] = {"embeddings": []}
+    groups: dict[str, list[str]] = {"vision": [], "embeddings": []}
     groups.update({f"block.{i}": [] for i in range(len(blocks))})
     groups.update({"norm": [], "head": [], "other": []})
     for name, p in root.named_parameters():
@@ -233,7 +285,9 @@ class LayerInfo:
         block_stack: for each block, the index of its stack in ``stacks``.
         embeddings, norm, head: module paths of those parts.
         tied_head: True when the output head shares its weight with the input embeddings.
-        groups: parameter names per group: ``embeddings``, ``block.<i>``, ``norm``, ``head``, ``other``.
+        groups: parameter names per group: ``vision``, ``embeddings``, ``block.<i>``, ``norm``,
+            ``head``, ``other`` (``vision`` is empty on a text model).
+        vision: module paths of a multimodal model's vision tower(s), ``()`` on a text model.
 
     Example::
 
@@ -249,6 +303,7 @@ class LayerInfo:
     head: tuple[str, ...]
     tied_head: bool
     groups: dict[str, tuple[str, ...]] = field(repr=False)
+    vision: tuple[str, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -278,7 +333,8 @@ def find_layers(model: nn.Module) -> LayerInfo:
     """Discover the repeated blocks, embeddings, final norm and head of any HF model.
 
     Works through PEFT, ``torch.compile`` and DDP wrappers; encoder-decoder models get one stack
-    per side, encoder first.
+    per side, encoder first; on a vision-language model the blocks are the language model's and
+    the vision tower is the ``vision`` group.
 
     Args:
         model: a ``PreTrainedModel``, ``PeftModel`` or a wrapper around one.
@@ -309,4 +365,5 @@ def find_layers(model: nn.Module) -> LayerInfo:
         head=tuple(paths["head"]),
         tied_head=tied,
         groups={k: tuple(v) for k, v in groups.items()},
+        vision=tuple(paths["vision"]),
     )

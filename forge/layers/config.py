@@ -6,6 +6,7 @@ YAML example (``forge train`` maps it onto :class:`FreezeConfig` and calls :func
       enabled: true
       ratio: 0.5              # bottom half of the blocks
       embeddings: true        # and the embeddings
+      vision_tower: true      # vision-language models: and the vision encoder
       schedule: lisa          # null | gradual | lp_lora | lisa
       every_n_steps: 20       # LISA re-draw interval
       lisa_active_layers: 2
@@ -68,6 +69,11 @@ class FreezeConfig:
     )
     head: bool | None = field(
         default=None, metadata={"help": "true: freeze the output head; false: make it trainable; null: leave."}
+    )
+    vision_tower: bool | None = field(
+        default=None,
+        metadata={"help": "Vision-language models: true freezes the vision encoder, false makes it "
+                  "trainable, null leaves it (the blocks above are the language model's)."},
     )
     schedule: Literal["gradual", "lp_lora", "lisa"] | None = field(
         default=None,
@@ -143,8 +149,8 @@ class FreezeConfig:
             raise ValueError("invalid freeze config:\n  " + "\n  ".join(errors))
 
     def has_static_freezing(self) -> bool:
-        """True if any of ratio/first/last/indices/pattern/embeddings/head is set."""
-        static = ("ratio", "first", "last", "indices", "pattern", "embeddings", "head")
+        """True if any of ratio/first/last/indices/pattern/embeddings/head/vision_tower is set."""
+        static = ("ratio", "first", "last", "indices", "pattern", "embeddings", "head", "vision_tower")
         return any(getattr(self, f.name) is not None for f in fields(self) if f.name in static)
 
 
@@ -196,6 +202,7 @@ def transform(cfg: FreezeConfig, model: nn.Module, training_args: Any) -> dict[s
             pattern=cfg.pattern,
             embeddings=cfg.embeddings,
             head=cfg.head,
+            vision_tower=cfg.vision_tower,
         )
         logger.info("freeze: static freezing applied\n%s", report)
         frozen = [p for p in report.frozen_parts() if p.startswith("block.")]

@@ -25,6 +25,7 @@ from forge.core.discovery import (
     is_peft_original_copy,
     peft_prefix,
 )
+from forge.core.unwrap import unwrap
 
 __all__ = [
     "FreezeReport",
@@ -85,8 +86,8 @@ class FreezeReport:
     """Per-part table of trainable vs total parameters (tied weights counted once).
 
     Attributes:
-        rows: ``(part, module path, trainable, total)`` bottom-to-top: embeddings, blocks, norm,
-            head, other.
+        rows: ``(part, module path, trainable, total)`` bottom-to-top: vision (a multimodal
+            model's vision tower), embeddings, blocks, norm, head, other.
 
     Example::
 
@@ -139,7 +140,7 @@ def freeze_table(model: nn.Module, info: LayerInfo | None = None) -> FreezeRepor
     params = dict(model.named_parameters())
     rows = []
     for key, names in info.groups.items():
-        if key == "other" and not names:
+        if key in ("other", "vision") and not names:
             continue
         if key.startswith("block."):
             label = info.blocks[int(key.split(".")[1])]
@@ -163,10 +164,11 @@ def freeze_layers(
     pattern: str | None = None,
     embeddings: bool | None = None,
     head: bool | None = None,
+    vision_tower: bool | None = None,
     verbose: bool = False,
     info: LayerInfo | None = None,
 ) -> FreezeReport:
-    """Freeze blocks (and optionally embeddings/head) of any HF model in place.
+    """Freeze blocks (and optionally embeddings/head/vision tower) of any HF model in place.
 
     The block selectors combine as a union; blocks that are not selected keep their current
     state, so calls compose. On a PEFT model freezing a block freezes its adapters, and the
@@ -182,6 +184,9 @@ def freeze_layers(
         embeddings: True freezes the embeddings, False makes them trainable, None leaves them.
         head: the same for the output head. With tied embeddings both act on the shared weight,
             so conflicting values raise.
+        vision_tower: the same for a vision-language model's vision encoder (LLaVA's
+            ``vision_tower``, Qwen2-VL's ``visual``); the blocks that ``ratio``/``first``/...
+            count are the language model's.
         verbose: print the resulting table.
         info: a precomputed :func:`find_layers` result.
 
@@ -189,13 +194,15 @@ def freeze_layers(
         The per-part :class:`FreezeReport` after freezing.
 
     Raises:
-        ValueError: invalid ratio/counts/pattern or conflicting tied embeddings/head.
+        ValueError: invalid ratio/counts/pattern, conflicting tied embeddings/head, or
+            ``vision_tower`` on a model without one.
         IndexError: an index outside the block range.
 
     Example::
 
         freeze_layers(model, indices=[0, 5, -1], embeddings=True, verbose=True)
         freeze_layers(peft_model, ratio=0.5)   # only the upper half of the LoRA adapters train
+        freeze_layers(llava, vision_tower=True)  # the vision encoder, nothing else
     """
     info = info or find_layers(model)
     n = info.num_blocks
@@ -214,6 +221,9 @@ def freeze_layers(
     if indices is not None:
         chosen.update(info.block_indices(indices))
     regex = compile_pattern(pattern)
+    if vision_tower is not None and not info.groups.get("vision"):
+        raise ValueError(f"vision_tower={vision_tower}: {type(unwrap(model)).__name__} has no vision tower "
+                         "(a module whose config is the model config's vision_config)")
     if info.tied_head and embeddings is not None and head is not None and embeddings != head:
         raise ValueError(
             "the head is tied to the input embeddings (one shared weight): "
@@ -225,7 +235,7 @@ def freeze_layers(
     if regex is not None:
         to_freeze += [name for name in params if regex.search(name)]
     to_enable: list[str] = []
-    for part, flag in (("embeddings", embeddings), ("head", head)):
+    for part, flag in (("embeddings", embeddings), ("head", head), ("vision", vision_tower)):
         names = list(info.groups[part])
         if part == "head" and info.tied_head:
             names += info.groups["embeddings"]

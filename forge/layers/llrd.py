@@ -27,7 +27,8 @@ __all__ = ["LayerwiseLRDecayFactory", "layer_depths", "layerwise_lr_groups", "la
 
 
 def layer_depths(model: nn.Module, info: LayerInfo | None = None) -> dict[str, int]:
-    """Depth of every parameter (0 = embeddings, ``i + 1`` = block ``i``, ``n + 1`` = head/norm/other).
+    """Depth of every parameter (0 = embeddings and a vision tower, ``i + 1`` = block ``i``,
+    ``n + 1`` = head/norm/other).
 
     Example::
 
@@ -37,7 +38,8 @@ def layer_depths(model: nn.Module, info: LayerInfo | None = None) -> dict[str, i
     top = info.num_blocks + 1
     depths = {}
     for key, names in info.groups.items():
-        depth = 0 if key == "embeddings" else int(key.split(".")[1]) + 1 if key.startswith("block.") else top
+        # A vision tower feeds the language model's input side: it learns as slowly as the embeddings.
+        depth = 0 if key in ("embeddings", "vision") else int(key.split(".")[1]) + 1 if key.startswith("block.") else top
         depths.update(dict.fromkeys(names, depth))
     return depths
 

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from forge.core.discovery import LayerInfo, find_layers
 from forge.core.figures import add_figures, is_eval_log, put_ahead_of_trackers
+from forge.core.io import write_json
 from forge.core.paths import checkpoint_dir
 from forge.core.trainable import trainable_set
 from forge.core.trainer_lookup import find_trainer_on_stack
@@ -203,6 +204,11 @@ class TrainabilitySchedule(TrainerCallback):
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         self._apply(state, optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # The schedule's changes beside the run's trainer_state.json, for `forge report`.
+        if self._model is not None and args.should_save and args.output_dir:
+            write_json(self.state_dict(), os.path.join(args.output_dir, self.filename))
 
     def on_save(self, args, state, control, **kwargs):
         folder = checkpoint_dir(args, state.global_step)

@@ -33,7 +33,8 @@ class GradualUnfreezingCallback(TrainabilitySchedule):
 
     Stage 0 trains the head, final norm and other top parts; every ``every_n_steps`` steps (or
     ``every_n_epochs`` epochs) the next ``blocks_per_stage`` blocks below join; the embeddings
-    join last. Only parameters that were trainable when the callback was created (plus none
+    join after the last block, and a vision-language model's vision tower (when it trains at
+    all) after them. Only parameters that were trainable when the callback was created (plus none
     other) are ever switched on, so static freezing and PEFT adapters are respected: on a LoRA
     model the adapters unfreeze top-down.
 
@@ -86,6 +87,8 @@ class GradualUnfreezingCallback(TrainabilitySchedule):
             stages.append(stages[0] | pick([f"block.{i}" for i in range(max(n - s * g, 0), n)]))
         if self.unfreeze_embeddings:
             stages.append(stages[-1] | pick(["embeddings"]))
+        # A multimodal model's vision tower is the input side of it all: it joins last.
+        stages.append(stages[-1] | pick(["vision"]))
         # Skip stages that add nothing (no trainable head on a LoRA model, frozen embeddings).
         self._stages = [s for i, s in enumerate(stages) if s and (i == 0 or s != stages[i - 1])]
 
@@ -172,8 +175,9 @@ class LPLoRACallback(TrainabilitySchedule):
 class LISACallback(TrainabilitySchedule):
     """LISA layer sampling: ``active_layers`` random blocks train, re-drawn every period.
 
-    Parameters outside the blocks that were trainable at creation (embeddings, head, norms)
-    train throughout, as in the LISA paper. The draw for period ``k`` comes from
+    Parameters outside the blocks that were trainable at creation (embeddings, head, norms, a
+    vision tower) train throughout, as in the LISA paper; the blocks drawn are the language
+    model's. The draw for period ``k`` comes from
     ``numpy.random.default_rng([seed, k])``: deterministic under a seed, independent of the
     global RNGs (so dropout and data order are untouched), and identical after a resume.
     By default a block's optimizer state is dropped when it is deactivated, which is where

@@ -1,17 +1,19 @@
 """Choose how many blocks to freeze from a memory budget and a short gradient probe.
 
-One forward+backward on a real batch (every schedulable parameter trainable) measures:
+One real training step on a real batch (every schedulable parameter trainable), measured by
+forge's one memory model (:class:`forge.core.memory.StepMemory`, the same that autotune
+uses: the run's optimizer with its state allocated by a warm-up step, the allocator's peak on
+CUDA, the live-tensor high-water mark elsewhere), gives:
 
-* the tensor-memory high-water mark of forward+backward and the activation bytes autograd saved
-  per block (a ``TorchDispatchMode`` counts storages; no allocator statistics needed, so it is
-  the same on CPU and GPU),
+* the high-water mark of forward+backward and of the optimizer step, the optimizer state of
+  every parameter, and the activation bytes autograd saved per block,
 * each block's gradient-to-weight norm ratio (how hard the loss pulls on it, relative to its size).
 
-The optimizer's state and step transient are measured on dummy tensors with the real optimizer.
-For a plan that freezes the embeddings and the blocks below block ``k``, the estimated peak is::
+The plan that freezes nothing *is* that measurement. For a plan that freezes the embeddings
+and the blocks below block ``k``, the estimated peak is::
 
-    weights + optimizer state(trainable) + max(probe peak - activations saved below k,
-                                               grads(trainable) + optimizer step transient)
+    weights + batch + optimizer state(trainable) + max(forward/backward - activations saved below k,
+                                                        grads(trainable) + optimizer step transient)
 
 Example::
 
@@ -31,19 +33,14 @@ import torch
 from torch import nn
 
 from forge.core.discovery import LayerInfo, find_layers
+from forge.core.memory import FORWARD_BACKWARD, OptimizerFactory
 from forge.layers.freeze import (
     FreezeReport,
     freeze_layers,
     set_trainable_,
     trainable_universe,
 )
-from forge.layers.memory import (
-    OptimizerProfile,
-    ProbeResult,
-    group_order,
-    optimizer_profile,
-    probe_step,
-)
+from forge.layers.memory import ProbeResult, group_order, probe_step
 
 __all__ = ["FreezePlan", "FreezeSuggestion", "suggest_freeze"]
 
@@ -64,7 +61,7 @@ class FreezePlan:
     grads_bytes: int
     optimizer_bytes: int
     forward_backward_bytes: int  # forward+backward high-water mark without weights/optimizer state
-    peak_bytes: int  # the estimate: weights + optimizer state + max(forward/backward, grads + step)
+    peak_bytes: int  # weights + batch + optimizer state + max(forward/backward, grads + step)
     signal_frozen: float  # share of the summed gradient-to-weight ratios that is frozen
 
 
@@ -139,13 +136,14 @@ def _default_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str,
 def _module_groups(model: nn.Module, info: LayerInfo) -> dict[str, list[nn.Module]]:
     get = model.get_submodule
     groups: dict[str, list[nn.Module]] = {f"block.{i}": [get(p)] for i, p in enumerate(info.blocks)}
-    for key in ("embeddings", "norm", "head"):
+    for key in ("vision", "embeddings", "norm", "head"):
         groups[key] = [get(p) for p in getattr(info, key)]
     return groups
 
 
 def _run_probe(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], info: LayerInfo, universe: list[str]
+    model: nn.Module, batch: Mapping[str, torch.Tensor], info: LayerInfo, universe: list[str],
+    optimizer_factory: OptimizerFactory,
 ) -> ProbeResult:
     named = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in named.items()}
@@ -157,7 +155,8 @@ def _run_probe(
         set_trainable_(named.values(), False)
         set_trainable_((named[n] for n in universe), True)
         model.train()
-        return probe_step(model, batch, info.groups, _module_groups(model, info), info.num_blocks)
+        return probe_step(model, batch, info.groups, _module_groups(model, info), info.num_blocks,
+                          optimizer_factory)
     finally:
         # Leave the model exactly as found: flags, grads, mode and the RNG streams dropout used.
         for n, p in named.items():
@@ -174,7 +173,6 @@ def _plans(
     named: dict[str, nn.Parameter],
     universe: list[str],
     probe: ProbeResult,
-    opt: OptimizerProfile,
     order: list[int],
     ratios: dict[int, float],
 ) -> list[FreezePlan]:
@@ -182,6 +180,7 @@ def _plans(
     position = group_order(n)
     group_of = info.group_of()
     total_signal = sum(ratios.values()) or 1.0
+    fixed = probe.step.persistent_bytes - probe.step.optimizer_bytes  # weights and the batch
     plans = []
     for k in range(n + 1):
         frozen_blocks = sorted(order[:k])
@@ -189,14 +188,13 @@ def _plans(
         names = [x for x in universe if group_of[x] not in frozen_groups]
         trainable = [named[x] for x in names]
         grads = sum(p.numel() * p.element_size() for p in trainable)
-        state = opt.state_bytes(p.numel() for p in trainable)
-        largest = max((p.numel() for p in trainable), default=0)
+        state = sum(probe.state_bytes.get(x, 0) for x in names)
         # Autograd saves nothing below the lowest trainable group: those activations disappear.
         lowest = min((position[group_of[x]] for x in names), default=n + 1)
         dropped = sum(b for g, b in probe.saved.items() if position[g] < lowest)
-        activations = max(probe.peak_bytes - dropped, grads)
-        step = grads + int(opt.transient_per_element * largest)
-        peak = state + max(activations, step)
+        activations = max(probe.step.phases[FORWARD_BACKWARD] - dropped, grads)
+        # The step's temporaries as measured with everything trainable: an upper bound for fewer.
+        step = grads + probe.step_transient
         plans.append(
             FreezePlan(
                 n_freeze=k,
@@ -205,7 +203,7 @@ def _plans(
                 grads_bytes=grads,
                 optimizer_bytes=state,
                 forward_backward_bytes=activations,
-                peak_bytes=peak,
+                peak_bytes=fixed + state + max(activations, step),
                 signal_frozen=sum(ratios.get(i, 0.0) for i in frozen_blocks) / total_signal,
             )
         )
@@ -263,18 +261,20 @@ def suggest_freeze(
     info = find_layers(model)
     universe = trainable_universe(model)
     batch = dict(batch) if batch is not None else _default_batch(model, batch_size, seq_len)
-    probe = _run_probe(model, batch, info, universe)
+    kwargs = {**(optimizer_kwargs or {}), "lr": 0.0}  # lr=0: the probe's step moves no weight
+
+    def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return optimizer_cls(params, **kwargs)
+
+    probe = _run_probe(model, batch, info, universe, factory)
     named = dict(model.named_parameters())
     ratios = {
         i: probe.grad_norm.get(f"block.{i}", 0.0) / max(probe.weight_norm.get(f"block.{i}", 0.0), 1e-12)
         for i in range(info.num_blocks)
     }
-    first = named[universe[0]]
-    opt = optimizer_profile(optimizer_cls, dict(optimizer_kwargs or {}), first.dtype, first.device)
     block_order = list(range(info.num_blocks)) if order == "bottom" else sorted(ratios, key=ratios.get)
-    plans = _plans(info, named, universe, probe, opt, block_order, ratios)
-    weights = sum(p.numel() * p.element_size() for p in named.values())
-    plans = [FreezePlan(**{**p.__dict__, "peak_bytes": p.peak_bytes + weights}) for p in plans]
+    plans = _plans(info, named, universe, probe, block_order, ratios)
+    weights = probe.step.weights_bytes
 
     k_budget, reason = 0, "no budget given"
     if budget_bytes is not None:

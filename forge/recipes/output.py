@@ -15,7 +15,9 @@ from forge.errors import ForgeError
 RUN_FILES = ("trainer_state.json", "monitor_summary.json", "autotune.json", "all_results.json",
              "train_results.json", "eval_results.json", "training_args.bin", "config.json",
              "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-             "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE)
+             "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE,
+             # the freeze schedule's record of its changes (forge/layers/schedule.py)
+             "forge_gradual_unfreezing.json", "forge_lp_lora.json", "forge_lisa.json")
 RUN_DIRS = ("report", "runs")
 
 

@@ -2,9 +2,11 @@
 
 It reads only the run's own files: ``trainer_state.json`` (which ``forge train`` writes into the
 output directory) and ``checkpoint-*/trainer_state.json``, ``monitor_summary.json`` (from the
-gradient monitor) and ``forge_preset.yaml`` when present, and plots loss and learning rate,
-per-block gradient norms as a heat map over steps with anomalies marked, EMA against raw
-evaluation loss, and throughput. A series the run did not record is skipped with a note.
+gradient monitor), a freeze schedule's ``forge_<kind>.json`` and ``forge_preset.yaml`` when
+present, and plots loss and learning rate, per-block gradient norms as a heat map over steps
+with anomalies marked, EMA against raw evaluation loss, throughput, and every feature's
+``forge/<feature>/...`` figures (EMA, freeze with the schedule's changes, loss, autotune) as a
+plot and a table each. A series or feature the run did not record is skipped with a note.
 
     python -m forge.report outputs/demo          # writes outputs/demo/report/report.html
 

@@ -1,5 +1,5 @@
 """What a run directory holds, read once: the Trainer's log history (final state and
-checkpoints merged), the monitor's summary and the resolved preset."""
+checkpoints merged), the monitor's summary, the freeze schedule's record and the resolved preset."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class RunFiles:
         monitor: the gradient monitor's summary, or None.
         preset_yaml: the resolved preset (secrets redacted), or None.
         state: the newest ``trainer_state.json`` minus its log history.
+        schedules: the freeze schedules' records (``forge_<kind>.json``: kind, config, history
+            of changes), from the run directory, else from its newest checkpoint.
     """
 
     run_dir: Path
@@ -33,6 +35,7 @@ class RunFiles:
     monitor: dict[str, Any] | None = None
     preset_yaml: str | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    schedules: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _read_json(path: Path) -> Any:
@@ -85,4 +88,17 @@ def load_run(run_dir: str | Path) -> RunFiles:
 
         preset = redact_yaml((root / PRESET_FILE).read_text(encoding="utf-8"))
     sources = [str(p.relative_to(root)) for p in paths]
-    return RunFiles(root, history, sources, monitor, preset, state)
+    return RunFiles(root, history, sources, monitor, preset, state, _schedules(root, paths))
+
+
+def _schedules(root: Path, state_paths: list[Path]) -> list[dict[str, Any]]:
+    """Freeze-schedule records: the run's own (written at the end), else the newest checkpoint's."""
+    for folder in [root, *(p.parent for p in reversed(state_paths) if p.parent != root)]:
+        found = []
+        for path in sorted(folder.glob("forge_*.json")):
+            record = _read_json(path)
+            if isinstance(record, dict) and "kind" in record and isinstance(record.get("history"), list):
+                found.append(record)
+        if found:
+            return found
+    return []

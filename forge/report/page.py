@@ -10,13 +10,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from forge.core.figures import PREFIX
 from forge.core.io import json_safe
 from forge.core.paths import STATE_FILE
+from forge.report.features import FEATURES, collect_features
 from forge.report.files import MONITOR_FILE, RunFiles, load_run
 
-# Forge figures are logged under forge/ (the monitor's per-block norms among them).
-PREFIXES = ("forge/",)
-_NORM_KEY = re.compile(r"^forge/grad_norm/(.+)$")
+_NORM_KEY = re.compile(rf"^{re.escape(PREFIX)}grad_norm/(.+)$")
 
 
 def _series(history: list[dict[str, Any]], key: str) -> dict[str, list[float]] | None:
@@ -56,8 +56,7 @@ def _heatmap(run: RunFiles) -> dict[str, Any] | None:
         for block in blocks:
             line = []
             for r in rows:
-                v = next((r[p + "grad_norm/" + block] for p in PREFIXES
-                          if p + "grad_norm/" + block in r), None)
+                v = r.get(f"{PREFIX}grad_norm/{block}")
                 line.append(float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None)
             values.append(line)
         return {"blocks": blocks, "steps": [r["step"] for r in rows], "values": values,
@@ -75,7 +74,7 @@ def collect_series(run: RunFiles) -> dict[str, Any]:
     monitor_rows = monitor.get("history", [])
     throughput = {}
     for name in ("tokens_per_second", "mfu"):
-        keys = [p + name for p in PREFIXES]
+        keys = [PREFIX + name]
         throughput[name] = _first_series(hist, keys) or _first_series(monitor_rows, keys)
     anomalies = [{k: e.get(k) for k in ("step", "kind", "where", "action")}
                  for e in monitor.get("events", [])]
@@ -89,6 +88,7 @@ def collect_series(run: RunFiles) -> dict[str, Any]:
         "mfu": throughput["mfu"],
         "anomalies": anomalies,
         "skipped_steps": list(monitor.get("skipped_steps", [])),
+        "features": collect_features(hist, run.schedules),
     }
 
 
@@ -124,7 +124,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     Example:
         >>> path = write_report("outputs/demo")  # doctest: +SKIP
     """
-    from forge.report.plots import PLOTS, require_matplotlib
+    from forge.report.plots import PLOTS, plot_feature, require_matplotlib
 
     require_matplotlib()
     run = load_run(run_dir)
@@ -143,10 +143,48 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         sections.append(f'<figure id="{name}"><h2>{html.escape(title)}</h2>'
                         f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
                         f"</figure>")
+    features = series["features"]
+    for name, title, how in FEATURES:
+        figures = features[name]
+        if figures is None:
+            notes.append(f"{title}: not in this run (no {PREFIX}{name}/ figures in the log history; {how})")
+            continue
+        events = features["freeze_events"] if name == "freeze" else []
+        png = plot_feature(figures, events)
+        if png is not None:
+            (out / f"feature_{name}.png").write_bytes(png)
+        sections.append(_feature_section(name, title, figures, events, png))
     page = _page(run, series, sections, notes)
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _feature_section(name: str, title: str, figures: dict[str, dict[str, list[float]]],
+                     events: list[dict[str, Any]], png: bytes | None) -> str:
+    """One feature: its plot (figures logged more than once), a table of every figure, and for
+    the freeze schedule its changes. Everything from the run's files is escaped."""
+    esc = html.escape
+    name_id = esc(f"feature-{name}")
+    parts = [f'<section id="{name_id}"><h2>{esc(title)}</h2>']
+    if png is not None:
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f'<img alt="{esc(title)}" src="data:image/png;base64,{data}">')
+    rows = "".join(
+        f"<tr><td>{esc(PREFIX + name + '/' + key)}</td><td>{esc(_fmt(s['value'][-1]))}</td>"
+        f"<td>{esc(str(s['step'][-1]))}</td><td>{esc(_fmt(min(s['value'])))}</td>"
+        f"<td>{esc(_fmt(max(s['value'])))}</td><td>{len(s['value'])}</td></tr>"
+        for key, s in figures.items())
+    parts.append("<table><tr><th>figure</th><th>last</th><th>at step</th><th>min</th><th>max</th>"
+                 f"<th>points</th></tr>{rows}</table>")
+    if events:
+        changes = "".join(
+            f"<tr><td>{esc(str(e['step']))}</td><td>{esc(str(e['schedule']))}</td><td>{esc(str(e['period']))}</td>"
+            f"<td>{esc(', '.join(str(b) for b in e['blocks']))}</td></tr>" for e in events)
+        parts.append("<h3>Schedule changes</h3><table><tr><th>step</th><th>schedule</th><th>period</th>"
+                     f"<th>trainable blocks</th></tr>{changes}</table>")
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def _page(run: RunFiles, series: dict[str, Any], sections: list[str], notes: list[str]) -> str:
@@ -156,7 +194,8 @@ def _page(run: RunFiles, series: dict[str, Any], sections: list[str], notes: lis
     note_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
     records = (run.monitor or {}).get("anomalies", [])[:20]
     anomaly_rows = "".join(
-        f"<tr><td>{r.get('first_step')}&ndash;{r.get('last_step')}</td><td>{r.get('count')}</td>"
+        f"<tr><td>{esc(str(r.get('first_step')))}&ndash;{esc(str(r.get('last_step')))}</td>"
+        f"<td>{esc(str(r.get('count')))}</td>"
         f"<td>{esc(str(r.get('first_message', '')))}</td></tr>" for r in records)
     anomalies = (f"<h2>Anomalies</h2><table><tr><th>steps</th><th>count</th><th>first</th></tr>"
                  f"{anomaly_rows}</table>" if anomaly_rows else "")

@@ -159,6 +159,30 @@ def plot_throughput(series: dict[str, Any]) -> tuple[bytes | None, str | None]:
     return _png(fig), None
 
 
+def plot_feature(figures: dict[str, dict[str, list[float]]], events: list[dict[str, Any]] = ()) -> bytes | None:
+    """One feature's figures over steps, one small panel each (their scales differ: a decay near
+    1, a distance near 0, a count); schedule changes as vertical lines. None when no figure has
+    more than one point (those are the table's)."""
+    series = {name: s for name, s in figures.items() if len(s["step"]) > 1}
+    if not series:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(_SIZE[0], 1.1 + 1.5 * len(series)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (name, s) in zip(axes, series.items()):
+        ax.plot(s["step"], s["value"], ".-", color="#1f77b4", lw=1.4, ms=4)
+        ax.set_ylabel(name, fontsize=8)
+        ax.grid(alpha=0.3)
+        for i, event in enumerate(events):
+            ax.axvline(event["step"], color="#ff7f0e", alpha=0.6, lw=1, ls="--",
+                       label="schedule change" if i == 0 else None)
+    if events:
+        axes[0].legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("step")
+    return _png(fig)
+
+
 PLOTS: list[tuple[str, str, Callable[[dict[str, Any]], tuple[bytes | None, str | None]]]] = [
     ("loss_lr", "Loss and learning rate", plot_loss_lr),
     ("grad_norm_heatmap", "Gradient norm per block", plot_grad_norm_heatmap),
