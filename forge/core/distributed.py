@@ -269,3 +269,46 @@ def before_deepspeed_step(engine: Any, hook: Any) -> Any:
             delattr(optimizer, _PRE_STEP)
 
     return remove
+
+
+def sharding_strategy(args: Any, env: Any = None) -> str | None:
+    """``"fsdp"``, ``"deepspeed"`` or None: what a Trainer run with ``args`` will shard with,
+    set in the training arguments or by ``accelerate launch`` (its config file and its
+    ``--use_fsdp`` / ``--use_deepspeed`` reach the processes as ``ACCELERATE_USE_*``).
+
+    Example:
+        >>> sharding_strategy(None, {"ACCELERATE_USE_DEEPSPEED": "true"})
+        'deepspeed'
+    """
+    env = os.environ if env is None else env
+
+    def on(name: str) -> bool:
+        return str(env.get(name, "")).strip().lower() in ("1", "true", "yes")
+
+    if getattr(args, "deepspeed", None) or on("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if getattr(args, "fsdp", None) or on("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    return None
+
+
+def count_cpu_deepspeed_ranks() -> None:
+    """Make accelerate count every process of a DeepSpeed run on CPU (``DS_ACCELERATOR=cpu``).
+
+    accelerate's ``PartialState`` finds no backend when neither ``use_cpu`` (which would drop
+    DeepSpeed) nor a GPU is there, and then takes the run for ONE process although DeepSpeed
+    has set up all of them: every rank would get the same batches and ``gather`` would fail.
+    Call after the training arguments are made; the state is shared, so fixing it once is
+    enough. A no-op unless ``torch.distributed`` runs with several processes.
+    """
+    dist = _dist()
+    if dist is None or dist.get_world_size() < 2:
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    if getattr(state, "backend", None) is None and state.num_processes == 1:
+        state.backend = dist.get_backend()
+        state.num_processes = dist.get_world_size()
+        state.process_index = dist.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", state.process_index))
