@@ -202,7 +202,8 @@ def grad_histograms(model: torch.nn.Module,
     for name, p, g in grads:
         members.setdefault(ts.group_of(name), []).append((g, numel(p)))
     present = [g for _, _, g in grads if g is not None and g.numel() > 0]
-    if not members or (not present and not grads_partitioned([p for _, p in params])):
+    split = grads_partitioned([p for _, p in params])
+    if not members or (not present and not split):
         return {}
     device = present[0].device if present else local_view(params[0][1]).device
     inf = torch.tensor(float("inf"), device=device)
@@ -235,7 +236,10 @@ def grad_histograms(model: torch.nn.Module,
         rows.append(row)
     if not rows:
         return {}
-    host = all_reduce_(torch.stack(rows)).cpu().double().tolist()  # the second and last host copy
+    table = torch.stack(rows)
+    if split:  # each rank counted its part of every gradient; replicated ones are counted once
+        all_reduce_(table)
+    host = table.cpu().double().tolist()  # the second and last host copy
     out = {}
     for (name, lo, hi, num), row in zip(kept, host):
         out[name] = {"min": lo, "max": hi, "num": int(num), "sum": row[bins],
