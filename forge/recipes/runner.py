@@ -30,8 +30,8 @@ from forge.recipes.checkpoints import (
     save_final_model,
     writes_markers,
 )
-from forge.recipes.launch import check_launch
 from forge.recipes.data import load_examples
+from forge.recipes.launch import check_launch
 from forge.recipes.model import adapter_base, load_model, load_tokenizer, model_max_positions
 from forge.recipes.output import check_output_dir, clear_previous_run, write_preset_file
 from forge.recipes.phases import Run, RunConfig
