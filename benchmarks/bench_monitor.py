@@ -128,11 +128,23 @@ class InsideClock:
         return timed
 
 
+# The two sizes: forge's demo model (builtin:tiny-llama) and a 6.6M-parameter Llama.
+MODELS = {
+    "demo": None,
+    "6.6m": dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+}
+MODEL = "6.6m"
+
+
 def make_model(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256)
     torch.manual_seed(seed)
+    if MODELS[MODEL] is None:
+        from forge.demo import builtin_model_dir
+
+        config = LlamaConfig.from_pretrained(builtin_model_dir("tiny-llama"))
+    else:
+        config = LlamaConfig(**MODELS[MODEL])
     return LlamaForCausalLM(config)
 
 
@@ -143,7 +155,7 @@ def run_row(row: str, steps: int, batch: int, seq: int, out: str, clock: str,
 
     model = make_model()
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 2048, (steps * batch, seq), generator=gen).tolist()
+    ids = torch.randint(0, model.config.vocab_size, (steps * batch, seq), generator=gen).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     timer = StepClock(clock)
     callbacks: list[TrainerCallback] = [timer]
@@ -181,10 +193,14 @@ def main() -> None:
                         help="the Trainer's logging_steps (the issue's target is 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is steadiest on a shared machine)")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+    parser.add_argument("--model", choices=sorted(MODELS), default="6.6m",
+                        help="demo: forge's builtin tiny Llama; 6.6m: a 6.6M-parameter Llama")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="wall",
                         help="cpu: CPU seconds of this process and its children (robust to "
                              "other jobs on the machine); wall: elapsed time")
     cli = parser.parse_args()
+    global MODEL
+    MODEL = cli.model
     torch.set_num_threads(cli.threads)
     hf_logging.set_verbosity_error()  # the Trainer's per-step log lines are not what we time
 
