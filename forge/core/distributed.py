@@ -271,6 +271,21 @@ def before_deepspeed_step(engine: Any, hook: Any) -> Any:
     return remove
 
 
+def deepspeed_grad_scaling(engine: Any) -> tuple[float, float]:
+    """``(loss_scale, clip)`` DeepSpeed applies to the gradients inside its step, after the
+    hooks of :func:`before_deepspeed_step` ran: it divides by the fp16 loss scale (1 in bf16 and
+    fp32), then clips to ``clip`` (0: no clipping). Readers that see the gradients there use
+    this to report what the update is made of, as they would after the Trainer's clipping.
+    """
+    optimizer = engine.optimizer
+    scale = float(getattr(optimizer, "loss_scale", 1.0) or 1.0)
+    clip = getattr(optimizer, "clip_grad", None)
+    if clip is None:
+        getter = getattr(engine, "gradient_clipping", None)
+        clip = getter() if callable(getter) else 0.0
+    return scale, float(clip or 0.0)
+
+
 def sharding_strategy(args: Any, env: Any = None) -> str | None:
     """``"fsdp"``, ``"deepspeed"`` or None: what a Trainer run with ``args`` will shard with,
     set in the training arguments or by ``accelerate launch`` (its config file and its

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from forge.core.console import note
-from forge.core.distributed import before_deepspeed_step, deepspeed_engine
+from forge.core.distributed import before_deepspeed_step, deepspeed_engine, deepspeed_grad_scaling
 from forge.core.figures import add_figures, is_eval_log, put_ahead_of_trackers
 from forge.core.io import write_json
 from forge.core.paths import checkpoint_dir
@@ -85,6 +85,7 @@ class GradientMonitor(TrainerCallback):
         self._recorded_step = -1
         self._ds_seen: dict[str, Any] | None = None  # under DeepSpeed: the last backward's loss
         self._ds_remove: Any = None
+        self._ds_engine: Any = None
         self._optimizer: Any = None
 
     @property
@@ -130,7 +131,7 @@ class GradientMonitor(TrainerCallback):
         self._patches.undo()
         if self._ds_remove is not None:
             self._ds_remove()
-        self._ds_seen, self._ds_remove = None, None
+        self._ds_seen, self._ds_remove, self._ds_engine = None, None, None
 
     def step(self, optimizer: torch.optim.Optimizer, *, loss: torch.Tensor | None = None,
              lr_scheduler: Any = None, max_grad_norm: float | None = None) -> bool:
@@ -213,10 +214,9 @@ class GradientMonitor(TrainerCallback):
             self._core.count_forward(*count_tokens(args, kwargs))
 
     def _record(self, step: int, loss: torch.Tensor | None, max_norm: float | None,
-                measure: bool) -> None:
-        inv_scale = None
+                measure: bool, inv_scale: torch.Tensor | None = None) -> None:
         scaler = self._scaler
-        if (scaler is not None and getattr(scaler, "_scale", None) is not None
+        if (inv_scale is None and scaler is not None and getattr(scaler, "_scale", None) is not None
                 and glue.grads_still_scaled(scaler, self._optimizer)):
             inv_scale = scaler._scale.double().reciprocal().float()
         self._require_core().record(step, loss, max_norm, measure=measure, inv_scale=inv_scale)
@@ -273,6 +273,7 @@ class GradientMonitor(TrainerCallback):
             engine = deepspeed_engine(trainer)
             if engine is not None:
                 self._ds_seen = glue.track_deepspeed_loss(self._patches, engine)
+                self._ds_engine = engine
                 self._ds_remove = before_deepspeed_step(engine, self._deepspeed_before_step)
                 return  # DeepSpeed clips and steps inside its engine; the monitor is in there
             if args.max_grad_norm and hasattr(trainer, "_clip_grad_norm"):
@@ -298,7 +299,10 @@ class GradientMonitor(TrainerCallback):
         if last is not None:  # the Trainer adds the last micro-batch's loss after this step
             loss = last if loss is None else loss + last.to(loss.device)
         measure = self._will_log(trainer.args, trainer.state, step)
-        self._record(step, loss, trainer.args.max_grad_norm or None, measure)
+        # DeepSpeed unscales (fp16) and clips after this hook, with its own clip setting.
+        scale, clip = deepspeed_grad_scaling(self._ds_engine)
+        inv_scale = None if scale == 1.0 else torch.tensor(1.0 / scale)
+        self._record(step, loss, clip or None, measure, inv_scale=inv_scale)
         if self.gated and self._verdict() == "skip":
             self._mark_skipped(step)
             return False

@@ -18,7 +18,16 @@ from typing import Any, Callable
 
 import torch
 
-from forge.core.distributed import all_reduce_, grads_partitioned, local_grad, local_view, numel
+from forge.core.distributed import (
+    all_reduce_,
+    before_deepspeed_step,
+    deepspeed_engine,
+    deepspeed_grad_scaling,
+    grads_partitioned,
+    local_grad,
+    local_view,
+    numel,
+)
 from forge.core.figures import PREFIX
 from forge.core.trainable import trainable_set
 from forge.core.unwrap import strip_wrappers
@@ -142,7 +151,6 @@ class HistogramTap:
         self._remove: Callable[[], None] | None = None
 
     def begin(self) -> None:
-        from forge.core.distributed import before_deepspeed_step, deepspeed_engine
         from forge.core.trainer_lookup import find_trainer_on_stack
 
         self.end()
@@ -151,16 +159,23 @@ class HistogramTap:
         if engine is not None:
             def grab() -> None:
                 if self.core.histogram_due(trainer.state):
-                    self._pending = grad_histograms(trainer.model)
+                    # Here, unlike at the Trainer's on_pre_optimizer_step, the gradients are
+                    # not unscaled nor clipped yet: report them as the update will use them.
+                    scale, clip = deepspeed_grad_scaling(engine)
+                    self._pending = self.compute(trainer.model, 1.0 / scale, clip)
 
             self._remove = before_deepspeed_step(engine, grab)
 
     def take(self, state: Any, model: Any) -> dict[str, dict[str, Any]] | None:
         """This step's histograms on rank 0 (None elsewhere, or when none are due)."""
         if self._remove is None and model is not None and self.core.histogram_due(state):
-            self._pending = grad_histograms(model)
+            self._pending = self.compute(model)
         out, self._pending = self._pending, None
         return out if out and state.is_world_process_zero else None
+
+    def compute(self, model: Any, factor: float = 1.0, max_norm: float = 0.0) -> dict[str, dict[str, Any]]:
+        """The histograms of the gradients the update is made of, on every rank (a collective)."""
+        return as_clipped(grad_histograms(model), factor, max_norm)
 
     def end(self) -> None:
         if self._remove is not None:
@@ -247,3 +262,26 @@ def grad_histograms(model: torch.nn.Module,
                      "edges": torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist(),
                      "counts": row[:bins]}
     return out
+
+
+def as_clipped(hists: dict[str, dict[str, Any]], factor: float = 1.0,
+               max_norm: float = 0.0) -> dict[str, dict[str, Any]]:
+    """The histograms of the gradients times ``factor``, then clipped to a total norm of
+    ``max_norm`` (0: not clipped) as ``clip_grad_norm_`` would: every value scales by one
+    positive number, so the counts stay and the ranges, edges and sums scale.
+
+    Example:
+        >>> h = {"b": {"min": -3.0, "max": 4.0, "num": 2, "sum": 1.0, "sum_squares": 25.0,
+        ...            "edges": [-3.0, 4.0], "counts": [1.0]}}
+        >>> round(as_clipped(h, 1.0, 1.0)["b"]["max"], 6)  # norm 5 clipped to 1
+        0.8
+    """
+    if max_norm > 0:
+        norm = math.sqrt(sum(h["sum_squares"] for h in hists.values())) * factor
+        factor *= min(1.0, max_norm / (norm + 1e-6))
+    if factor == 1.0:
+        return hists
+    return {block: {**h, "min": h["min"] * factor, "max": h["max"] * factor, "sum": h["sum"] * factor,
+                    "sum_squares": h["sum_squares"] * factor * factor,
+                    "edges": [e * factor for e in h["edges"]]}
+            for block, h in hists.items()}
