@@ -1,9 +1,9 @@
 """Step time of a tiny Llama under a bare Trainer, with GradientMonitor, and with wandb.watch.
 
-Run (CPU, about 6 minutes on 2 shared cores)::
+Run (CPU; a few minutes per model on 2 shared cores)::
 
-    python benchmarks/bench_monitor.py
-    python benchmarks/bench_monitor.py --steps 30 --rounds 2 --rows bare monitor
+    python benchmarks/bench_monitor.py --model demo
+    python benchmarks/bench_monitor.py --model 6.6m --rows bare monitor monitor-warn
 
 Every row is a ``transformers.Trainer`` that logs every optimizer step (``logging_steps=1``):
 
@@ -14,18 +14,18 @@ Every row is a ``transformers.Trainer`` that logs every optimizer step (``loggin
 * ``monitor-warn``: ``GradientMonitor`` with every policy ``warn`` (one copy per log);
 * ``wandb``: ``wandb.watch(model, log="all", log_freq=1)`` in an offline run.
 
-Time per step is measured from one ``on_step_begin`` to the next, so it includes the logging
-that follows each step. By default it is CPU time of the process and its children (``--clock
-cpu``): on a shared machine other jobs stretch wall-clock time but not the CPU seconds a step
-needs, and with one torch thread on CPU every step's work is done by this process (or, for
-wandb, its service process). ``--clock wall`` measures elapsed time. Rows run interleaved
-for ``--rounds`` rounds (drift then hits every row alike); the first ``--warmup`` steps of each
-run are dropped and the table shows the median, relative to ``bare`` from the same run.
+``--model demo`` is forge's builtin tiny Llama (what ``forge train demo`` trains), ``6.6m`` a
+6.6M-parameter Llama (vocabulary 8192, hidden 256, 4 layers). Time per step is wall-clock time
+(``--clock wall``, the default) from one ``on_step_begin`` to the next, so it includes the
+logging that follows each step; ``--clock cpu`` counts CPU seconds of the process and its
+children instead, which other jobs on a shared machine do not stretch. Rows run interleaved
+for ``--rounds`` rounds, in reverse order every other round (drift then hits every row alike);
+the first ``--warmup`` steps of each run are dropped. "vs bare" is the median over rounds of
+each round's median step time against the bare row's of the same round.
 
-On a shared machine that end-to-end difference wobbles by several percent from run to run, more
-than the monitor costs; so the monitor's rows also show the CPU time spent inside its own code
-per step (its callback events, the recording before clipping, the token-counting hook), which
-is the work it adds, measured directly, and that as a share of the bare step.
+The monitor's rows also show the CPU time spent inside its own code per step (its callback
+events, the recording before clipping, the token-counting hook): the work it adds, measured
+directly, as a share of the bare step.
 """
 
 from __future__ import annotations
@@ -128,11 +128,23 @@ class InsideClock:
         return timed
 
 
+# The issue's two sizes: forge's demo model (builtin:tiny-llama) and a 6.6M-parameter Llama.
+MODELS = {
+    "demo": None,
+    "6.6m": dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+}
+MODEL = "6.6m"
+
+
 def make_model(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256)
     torch.manual_seed(seed)
+    if MODELS[MODEL] is None:
+        from forge.demo import builtin_model_dir
+
+        config = LlamaConfig.from_pretrained(builtin_model_dir("tiny-llama"))
+    else:
+        config = LlamaConfig(**MODELS[MODEL])
     return LlamaForCausalLM(config)
 
 
@@ -143,7 +155,7 @@ def run_row(row: str, steps: int, batch: int, seq: int, out: str, clock: str,
 
     model = make_model()
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 2048, (steps * batch, seq), generator=gen).tolist()
+    ids = torch.randint(0, model.config.vocab_size, (steps * batch, seq), generator=gen).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     timer = StepClock(clock)
     callbacks: list[TrainerCallback] = [timer]
@@ -181,18 +193,23 @@ def main() -> None:
                         help="the Trainer's logging_steps (the issue's target is 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is steadiest on a shared machine)")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+    parser.add_argument("--model", choices=sorted(MODELS), default="6.6m",
+                        help="demo: forge's builtin tiny Llama; 6.6m: a 6.6M-parameter Llama")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="wall",
                         help="cpu: CPU seconds of this process and its children (robust to "
                              "other jobs on the machine); wall: elapsed time")
     cli = parser.parse_args()
+    global MODEL
+    MODEL = cli.model
     torch.set_num_threads(cli.threads)
     hf_logging.set_verbosity_error()  # the Trainer's per-step log lines are not what we time
 
     times: dict[str, list[float]] = {row: [] for row in cli.rows}
+    medians: dict[str, list[float]] = {row: [] for row in cli.rows}  # one per round
     inside: dict[str, list[float]] = {row: [] for row in cli.rows}
     with tempfile.TemporaryDirectory() as out:
         for rnd in range(cli.rounds):
-            for row in cli.rows:
+            for row in cli.rows if rnd % 2 == 0 else cli.rows[::-1]:
                 # Keep end-of-run tables and log dicts out of the report.
                 with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                     step_times, own = run_row(row, cli.steps, cli.batch, cli.seq,
@@ -201,16 +218,16 @@ def main() -> None:
                 if own is not None:
                     inside[row].append(own)
                 times[row].extend(step_times[cli.warmup:])
-                print(f"round {rnd + 1}/{cli.rounds} {row:<13} "
-                      f"median {1000 * statistics.median(step_times[cli.warmup:]):.1f} ms",
+                medians[row].append(statistics.median(step_times[cli.warmup:]))
+                print(f"round {rnd + 1}/{cli.rounds} {row:<13} median {1000 * medians[row][-1]:.1f} ms",
                       file=sys.stderr)
 
     n_params = sum(p.numel() for p in make_model().parameters())
-    print(f"\ntiny Llama, {n_params / 1e6:.1f}M parameters, batch {cli.batch} x seq {cli.seq}, "
+    print(f"\n{cli.model} Llama, {n_params / 1e6:.1f}M parameters, batch {cli.batch} x seq {cli.seq}, "
           f"{cli.threads} thread(s), logging_steps={cli.logging_steps}, {cli.clock} time, "
-          f"median of {cli.rounds} x {cli.steps - cli.warmup} steps\n")
+          f"{cli.rounds} rounds x {cli.steps - cli.warmup} steps\n")
     base = statistics.median(times["bare"]) if "bare" in times else None
-    print("| setup | step time, median (ms) | end-to-end vs bare | "
+    print("| setup | step time, median (ms) | vs bare, median of rounds (min..max) | "
           "inside forge per step (ms) | inside forge vs bare step |")
     print("|---|---:|---:|---:|---:|")
     labels = {"bare": "bare Trainer", "monitor": "GradientMonitor (defaults: skip policy)",
@@ -218,12 +235,14 @@ def main() -> None:
               "wandb": 'wandb.watch(log="all", log_freq=1), offline'}
     for row in cli.rows:
         med = statistics.median(times[row])
-        over = "-" if base is None or row == "bare" else f"{100 * (med / base - 1):+.1f}%"
+        over = "-"
+        if base is not None and row != "bare":
+            ratios = [100 * (m / b - 1) for m, b in zip(medians[row], medians["bare"])]
+            over = f"{statistics.median(ratios):+.1f}% ({min(ratios):+.1f}..{max(ratios):+.1f})"
         own = statistics.median(inside[row]) if inside[row] else None
         own_ms = "-" if own is None else f"{1000 * own:.2f}"
         own_pct = "-" if own is None or base is None else f"{100 * own / base:.1f}%"
         print(f"| {labels[row]} | {1000 * med:.1f} | {over} | {own_ms} | {own_pct} |")
-
 
 if __name__ == "__main__":
     main()

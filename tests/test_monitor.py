@@ -519,3 +519,29 @@ def test_unlogged_intervals_are_closed_not_hoarded(monkeypatch):
         opt.zero_grad()
     assert [h["step"] for h in monitor.history] == [3, 6]
     assert len(monitor.state_dict()["rows"]) == 1
+
+
+def test_fp16_norms_are_unscaled_once(one_thread):
+    """With fp16 and ``max_grad_norm: 0`` the Trainer unscales the gradients (it measures their
+    norm with ``clip_grad_norm_(..., inf)``) before ``on_pre_optimizer_step``; the monitor must
+    not divide by the loss scale again. A real ``torch.amp.GradScaler`` on CPU stands in for
+    accelerate's; the reference is the norm of the unscaled loss's gradients."""
+    from forge.monitor import GradientMonitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    x = torch.randn(16, 8)
+    model(x).pow(2).mean().backward()
+    want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    for unscale_first in (False, True):
+        model.zero_grad()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+        monitor = GradientMonitor(log_every=1, update_ratio=False).attach(model)
+        monitor._scaler, monitor._optimizer = scaler, opt
+        scaler.scale(model(x).pow(2).mean()).backward()
+        if unscale_first:  # what the Trainer's grad-norm measurement does
+            scaler.unscale_(opt)
+        monitor._record(1, None, None, measure=True)
+        got = monitor.flush_metrics()["forge/grad_norm_preclip"]
+        assert got == pytest.approx(want, rel=1e-5), (unscale_first, got, want)

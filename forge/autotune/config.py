@@ -12,6 +12,7 @@ from forge.autotune.probe import storage_bytes
 from forge.autotune.result import AutotuneCallback, AutotuneResult, format_table
 from forge.autotune.tune import autotune_batch_size
 from forge.core.console import note
+from forge.core.distributed import sharding_strategy
 from forge.errors import ForgeError
 
 __all__ = ["AutotuneConfig", "from_preset"]
@@ -83,7 +84,7 @@ def is_evaluating(args: Any) -> bool:
 
 def place_for_training(model: nn.Module, args: Any) -> None:
     """Put the model where the Trainer will, so the probes measure the right device."""
-    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+    if sharding_strategy(args) is not None:  # set in the arguments, or by accelerate launch
         raise ForgeError("autotune: FSDP and DeepSpeed shard the model, which the probes do not "
                          "model yet; set per_device_train_batch_size by hand or turn autotune off")
     device = args.device

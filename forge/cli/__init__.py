@@ -21,6 +21,7 @@ import sys
 import warnings
 
 from forge import __version__
+from forge.core.distributed import is_main_process
 from forge.errors import ForgeError
 
 EXIT_USAGE = 2
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ForgeError as err:
-        for line in str(err).splitlines():
-            print(f"forge: error: {line}", file=sys.stderr)
+        if is_main_process():  # every rank of a launch finds the same mistake; say it once
+            for line in str(err).splitlines():
+                print(f"forge: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("forge: interrupted", file=sys.stderr)

@@ -230,13 +230,19 @@ class Preset:
         args = self.get_args_dict()
         if "bf16" not in args and "fp16" not in args and not _bf16_accelerator():
             args["bf16"] = False
-        if "use_cpu" not in args and not _any_accelerator():
-            args["use_cpu"] = True
+        # Not with DeepSpeed, which accelerate drops under use_cpu (on CPU: DS_ACCELERATOR=cpu).
+        if not _any_accelerator() and not _deepspeed(args):
+            args.setdefault("use_cpu", True)
         try:
-            return training_config_class(self.method)(**args)
+            made = training_config_class(self.method)(**args)
         except (ValueError, TypeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ForgeError(f"{self.source}: training: {first}") from None
+        if _deepspeed(args) and not _any_accelerator():
+            from forge.core.distributed import count_cpu_deepspeed_ranks
+
+            count_cpu_deepspeed_ranks()  # accelerate counts one process of a CPU DeepSpeed run
+        return made
 
     def peft_config(self) -> Any:
         """A ``peft.LoraConfig``, or None for a full fine-tune."""
@@ -283,6 +289,13 @@ def _bf16_accelerator() -> bool:
         return torch.cuda.is_bf16_supported()
     xpu = getattr(torch, "xpu", None)
     return bool(xpu is not None and xpu.is_available())
+
+
+def _deepspeed(args: dict[str, Any]) -> bool:
+    """DeepSpeed asked for in the preset or by ``accelerate launch --use_deepspeed``."""
+    import os
+
+    return bool(args.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def _any_accelerator() -> bool:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from forge.core.distributed import (
+    all_reduce_,
     gather_full,
     is_main_process,
     local_view,
@@ -44,9 +45,11 @@ class EMAWeights:
     parameters with ``requires_grad`` are tracked, so on a PEFT LoRA model the EMA costs one copy
     of the adapter, not of the base model.
 
-    Create it after the model is on its device (and after ``fully_shard`` under FSDP2, so it
-    holds local shards); DDP wrapping may come before or after, the wrapper is looked through.
-    Under DDP every rank computes the same EMA without communication.
+    Create it after the model is on its device (and after ``fully_shard`` under FSDP2, or
+    ``deepspeed.initialize`` under ZeRO-3, so it holds local shards); DDP wrapping may come
+    before or after, the wrapper is looked through. Under DDP and ZeRO-1/2 every rank computes
+    the same EMA without communication; under FSDP2 and ZeRO-3 each rank averages its own
+    partition, and saving gathers the full tensors (a collective: call it on every rank).
 
     Args:
         model: the model whose weights to average. The EMA starts as a copy of its weights.
@@ -228,9 +231,12 @@ class EMAWeights:
         shadow = [s.to(device=w.device, dtype=w.dtype) if s.device != w.device or s.dtype != w.dtype else s
                   for s, w in zip(self._shadow, live, strict=True)]
         diff = torch._foreach_sub(shadow, live)
-        num = torch.stack([n.float() for n in torch._foreach_norm(diff)]).norm()
-        den = torch.stack([n.float() for n in torch._foreach_norm(live)]).norm()
-        distance = float(num / den) if float(den) > 0 else 0.0
+        squares = torch.stack([torch.stack([n.float() for n in torch._foreach_norm(diff)]).square().sum(),
+                               torch.stack([n.float() for n in torch._foreach_norm(live)]).square().sum()])
+        if self._plan_for(model).sharded:  # each rank holds a part of every weight: sum the parts
+            all_reduce_(squares)
+        num, den = squares.sqrt().tolist()
+        distance = num / den if den > 0 else 0.0
         return {"forge/ema/decay": self.get_decay(self.step) if self.step else 0.0,
                 "forge/ema/updates": float(self.num_updates),
                 "forge/ema/relative_distance": distance}

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from forge.core.console import note
+from forge.core.distributed import before_deepspeed_step, deepspeed_engine, deepspeed_grad_scaling
 from forge.core.figures import add_figures, is_eval_log, put_ahead_of_trackers
 from forge.core.io import write_json
 from forge.core.paths import checkpoint_dir
@@ -82,6 +83,10 @@ class GradientMonitor(TrainerCallback):
         self._snapshot: list[torch.Tensor] | None = None
         self._loss_mark: torch.Tensor | None = None
         self._recorded_step = -1
+        self._ds_seen: dict[str, Any] | None = None  # under DeepSpeed: the last backward's loss
+        self._ds_remove: Any = None
+        self._ds_engine: Any = None
+        self._optimizer: Any = None
 
     @property
     def gated(self) -> bool:
@@ -124,6 +129,9 @@ class GradientMonitor(TrainerCallback):
             self._hook.remove()
             self._hook = None
         self._patches.undo()
+        if self._ds_remove is not None:
+            self._ds_remove()
+        self._ds_seen, self._ds_remove, self._ds_engine = None, None, None
 
     def step(self, optimizer: torch.optim.Optimizer, *, loss: torch.Tensor | None = None,
              lr_scheduler: Any = None, max_grad_norm: float | None = None) -> bool:
@@ -206,10 +214,11 @@ class GradientMonitor(TrainerCallback):
             self._core.count_forward(*count_tokens(args, kwargs))
 
     def _record(self, step: int, loss: torch.Tensor | None, max_norm: float | None,
-                measure: bool) -> None:
-        inv_scale = None
-        if self._scaler is not None and getattr(self._scaler, "_scale", None) is not None:
-            inv_scale = self._scaler._scale.double().reciprocal().float()
+                measure: bool, inv_scale: torch.Tensor | None = None) -> None:
+        scaler = self._scaler
+        if (inv_scale is None and scaler is not None and getattr(scaler, "_scale", None) is not None
+                and glue.grads_still_scaled(scaler, self._optimizer)):
+            inv_scale = scaler._scale.double().reciprocal().float()
         self._require_core().record(step, loss, max_norm, measure=measure, inv_scale=inv_scale)
         self._recorded_step = step
 
@@ -245,6 +254,7 @@ class GradientMonitor(TrainerCallback):
             policies = ", ".join(f"{k} {getattr(c, 'on_' + k)}" for k in KINDS)
             note(f"monitor: watching {plan.num_params} tensors in {plan.num_groups} blocks; on {policies}")
         self._scaler = glue.loss_scaler(optimizer)
+        self._optimizer = optimizer
         self._core.loss_scaled = self._scaler is not None
         if state.global_step > 0:  # resuming: pick up the history saved with the checkpoint
             ckpt = resume or checkpoint_dir(args, state.global_step)
@@ -260,9 +270,12 @@ class GradientMonitor(TrainerCallback):
                            "trackers registered before the monitor miss its metrics.")
         else:
             put_ahead_of_trackers(trainer.callback_handler, self)
-            if getattr(trainer, "is_deepspeed_enabled", False):
-                logger.warning("GradientMonitor: DeepSpeed partitions gradients; statistics "
-                               "cover this rank's shard only and skipping is not supported.")
+            engine = deepspeed_engine(trainer)
+            if engine is not None:
+                self._ds_seen = glue.track_deepspeed_loss(self._patches, engine)
+                self._ds_engine = engine
+                self._ds_remove = before_deepspeed_step(engine, self._deepspeed_before_step)
+                return  # DeepSpeed clips and steps inside its engine; the monitor is in there
             if args.max_grad_norm and hasattr(trainer, "_clip_grad_norm"):
                 original = trainer._clip_grad_norm
 
@@ -276,6 +289,26 @@ class GradientMonitor(TrainerCallback):
                 self._patches.set(trainer, "_clip_grad_norm", clip_after_recording)
         if self.gated and optimizer is not None:
             glue.patch_skippable_step(self._patches, optimizer, lambda: self._skip_now)
+
+    def _deepspeed_before_step(self) -> bool:
+        """Inside DeepSpeed's optimizer step: record, judge; True to apply the update."""
+        trainer = self._trainer
+        step = trainer.state.global_step + 1
+        loss = self._trainer_loss()
+        last = self._ds_seen["loss"] if self._ds_seen else None
+        if last is not None:  # the Trainer adds the last micro-batch's loss after this step
+            loss = last if loss is None else loss + last.to(loss.device)
+        measure = self._will_log(trainer.args, trainer.state, step)
+        # DeepSpeed unscales (fp16) and clips after this hook, with its own clip setting.
+        scale, clip = deepspeed_grad_scaling(self._ds_engine)
+        inv_scale = None if scale == 1.0 else torch.tensor(1.0 / scale)
+        self._record(step, loss, clip or None, measure, inv_scale=inv_scale)
+        if self.gated and self._verdict() == "skip":
+            self._mark_skipped(step)
+            return False
+        if self.config.update_ratio and measure:  # measured at on_optimizer_step, as without it
+            self._snapshot = self._core.plan.snapshot()
+        return True
 
     def _will_log(self, args: Any, state: Any, step: int) -> bool:
         return glue.will_log(args, state, step, self.config.log_every)
@@ -293,6 +326,8 @@ class GradientMonitor(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None,
                               **kwargs):
+        if self._ds_seen is not None or self._core is None:
+            return  # under DeepSpeed the step was recorded (and taken) inside the engine
         step = state.global_step + 1
         measure = self._will_log(args, state, step)
         if self._recorded_step != step:  # no clipping configured (or no Trainer found)

@@ -4,6 +4,10 @@ Device rows come in (one per optimizer step, plus one per measured update), verd
 interval metrics come out. Rows stay on the device until :meth:`MonitorCore.sync` copies all of
 them in one transfer; the detector then walks them in step order, so its history and the
 anomaly log are the same whether a row was synced at once (to gate a step) or at the next log.
+
+Under several processes every row is already global (reduced across ranks as it is made, see
+:mod:`forge.monitor.stats`), so every rank's detector sees the same numbers in the same order
+and reaches the same verdict: all ranks skip or stop at the same step, with no exchange here.
 """
 
 from __future__ import annotations
@@ -147,8 +151,6 @@ class MonitorCore:
         verdict = "stop" if "stop" in policies else "skip" if "skip" in policies else "apply"
         if verdict == "skip" and self.consecutive_skips >= c.max_consecutive_skips:
             verdict = "limit"
-        if gate:
-            verdict = self._agree(verdict)
         for a in found:
             a.action = {"apply": "warned", "skip": "skipped"}.get(verdict, "stopped")
             self.log.add(a, warn=self.is_main)
@@ -163,28 +165,7 @@ class MonitorCore:
             raise GradientAnomalyError(self._stop_message(verdict, step, found), found)
         return verdict
 
-    def _agree(self, verdict: str) -> str:
-        """The strictest verdict of all processes, so that every rank skips or stops alike.
-
-        With DDP every rank sees the same (all-reduced) gradients but its own loss, and under
-        FSDP its own gradient shard; one rank applying a step that another skips would let
-        the replicas drift apart. One tiny all-reduce per step, only in multi-process runs.
-        """
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return verdict
-        rank = {"apply": 0, "skip": 1, "limit": 2, "stop": 2}
-        flag = torch.tensor([rank[verdict]], device=self.plan.device, dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item())
-        if agreed <= rank[verdict]:
-            return verdict
-        return "skip" if agreed == 1 else "peer"
-
     def _stop_message(self, verdict: str, step: int, found: list[Anomaly]) -> str:
-        if verdict == "peer":
-            return (f"GradientMonitor: stopping at step {step}: another process found an "
-                    f"anomaly whose policy stops training (see that process's log).")
         latest = found[0].message()
         if verdict == "limit":
             return (f"GradientMonitor: stopping at step {step}: {self.consecutive_skips} "

@@ -3,6 +3,12 @@
 Everything here runs in the training hot path, so it launches a fixed handful of fused
 ``torch._foreach_*`` kernels per optimizer step, never calls ``.item()`` and returns one flat
 float32 row per step that the monitor copies to the host once per logging interval.
+
+Under several processes the row is global: gradients are read through
+:func:`forge.core.distributed.local_grad` (the FSDP2 shard, the ZeRO fragment or partition),
+each rank computes its part of the squared norms and zero counts, and one all-reduce per step
+(with the loss, averaged like the Trainer's ``loss``) makes every rank's row the same, so every
+rank takes the same decision without another exchange.
 """
 
 from __future__ import annotations
@@ -12,6 +18,16 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from forge.core.distributed import (
+    all_reduce_,
+    grads_partitioned,
+    is_sharded,
+    local_grad,
+    local_view,
+    numel,
+    world_size,
+)
 
 
 def _nonzeros(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -47,6 +63,11 @@ class ParamPlan:
     active: list[bool] = field(default_factory=list, repr=False)
     trainable: Any = field(default=None, repr=False)  # the TrainableSet the plan follows
     _group_active_numel: torch.Tensor | None = field(default=None, repr=False)
+    # Several processes: gradients split between ranks (FSDP2, ZeRO) need their parts summed;
+    # weights only under FSDP2 / ZeRO-3. world is 1 in a single process.
+    world: int = 1
+    grads_split: bool = False
+    weights_split: bool = False
     _index_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
     _cpu_copies: dict[torch.device, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -56,17 +77,17 @@ class ParamPlan:
         from forge.core.trainable import trainable_set
 
         ts = trainable_set(model)
-        names = [n for n, p in zip(ts.universe, ts.parameters()) if p.numel() > 0]
+        names = [n for n, p in zip(ts.universe, ts.parameters()) if numel(p) > 0]
         params = ts.parameters(names)
         if not params:
             raise ValueError("GradientMonitor: the model has no trainable parameters")
         groups = [ts.group_of(n) for n in names]
         group_names = list(dict.fromkeys(groups))  # first-appearance order: embeddings..head
         group_of = [group_names.index(g) for g in groups]
-        device = params[0].device
+        device = local_view(params[0]).device
         buckets: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
-            buckets.setdefault(p.device, []).append(i)
+            buckets.setdefault(local_view(p).device, []).append(i)
         plan = cls(
             names=names,
             params=params,
@@ -78,6 +99,9 @@ class ParamPlan:
             norm_dtype=torch.float64 if any(p.dtype == torch.float64 for p in params)
             else torch.float32,
             trainable=ts,
+            world=world_size(),
+            grads_split=grads_partitioned(params),
+            weights_split=any(is_sharded(p) for p in params),
         )
         plan.set_active([p.requires_grad for p in params])
         return plan
@@ -85,11 +109,11 @@ class ParamPlan:
     def set_active(self, active: list[bool]) -> None:
         """Which parameters train now (a schedule changed them); costs one small copy."""
         self.active = list(active)
-        numel = torch.zeros(self.num_groups, dtype=torch.float64)
+        count = torch.zeros(self.num_groups, dtype=torch.float64)
         for g, p, on in zip(self.group_of, self.params, self.active, strict=True):
             if on:
-                numel[g] += p.numel()
-        self._group_active_numel = numel.to(device=self.device, dtype=torch.float32)
+                count[g] += numel(p)
+        self._group_active_numel = count.to(device=self.device, dtype=torch.float32)
 
     @property
     def num_params(self) -> int:
@@ -168,18 +192,34 @@ class ParamPlan:
             parameter nearest the output: backward reaches it first, so that is where a NaN
             or inf produced in the backward pass shows up before it spreads to earlier layers.
         """
-        grads = [p.grad for p in self.params]
+        grads = [local_grad(p) for p in self.params]
         pnorm = self._per_param(grads, self._norms)
         if inv_scale is not None:
             pnorm = pnorm * inv_scale
         sq = pnorm * pnorm
+        nonzero = self._per_param(grads, _nonzeros) if count_zeros else None
+        if loss is None:
+            loss_v = torch.full((), float("nan"), device=self.device)
+        else:
+            loss_v = loss.detach().to(device=self.device, dtype=torch.float32).reshape(())
+        if self.world > 1:
+            # The one collective of the step: this rank's parts of the squared norms and zero
+            # counts (when gradients are split) and its loss; every rank gets the same sums.
+            parts = [sq, nonzero] if self.grads_split and nonzero is not None else [sq] if self.grads_split else []
+            flat = all_reduce_(torch.cat([*parts, loss_v.reshape(1)]))
+            loss_v = flat[-1] / self.world  # the mean over ranks, as the Trainer logs `loss`
+            if self.grads_split:
+                sq = flat[: self.num_params]
+                pnorm = sq.sqrt()
+                if nonzero is not None:
+                    nonzero = flat[self.num_params: 2 * self.num_params]
         # A group with nothing trainable right now (frozen by a schedule) reports NaN, which
         # the metrics leave out, instead of a zero norm that would read as a dead block.
         live = self._group_active_numel
         nan = torch.full_like(live, float("nan"))
         group_norm = torch.where(live > 0, self._group_sum(sq).sqrt(), nan)
-        if count_zeros:
-            zeros = 1.0 - self._group_sum(self._per_param(grads, _nonzeros)) / live
+        if nonzero is not None:
+            zeros = 1.0 - self._group_sum(nonzero) / live
             zero_frac = torch.where(live > 0, zeros, nan)
         else:
             zero_frac = nan
@@ -192,10 +232,6 @@ class ParamPlan:
         bad = ~torch.isfinite(pnorm)
         num_bad = bad.sum().to(torch.float32)
         culprit = (self.num_params - 1) - torch.argmax(bad.flip(0).to(torch.uint8))
-        if loss is None:
-            loss_v = torch.full((), float("nan"), device=self.device)
-        else:
-            loss_v = loss.detach().to(device=self.device, dtype=torch.float32).reshape(())
         scalars = torch.stack([loss_v, total, post, num_bad, culprit.to(torch.float32)])
         return torch.cat([scalars, group_norm, zero_frac, pnorm])
 
@@ -209,7 +245,7 @@ class ParamPlan:
         """
         out: list[torch.Tensor] = [None] * self.num_params  # type: ignore[list-item]
         for dev, indices in self.buckets:
-            params = [self.params[i].detach() for i in indices]
+            params = [local_view(self.params[i]).detach() for i in indices]
             if dev.type == "cpu":
                 kept = self._cpu_copies.get(dev)
                 if kept is None:
@@ -231,8 +267,11 @@ class ParamPlan:
         w_norm = self._per_param(before, self._norms)
         for _, indices in self.buckets:
             torch._foreach_sub_([before[i] for i in indices],
-                                [self.params[i].detach() for i in indices])
+                                [local_view(self.params[i]).detach() for i in indices])
         d_norm = self._per_param(before, self._norms)
+        if self.world > 1 and self.weights_split:  # each rank holds a part of each weight
+            sums = all_reduce_(torch.cat([w_norm * w_norm, d_norm * d_norm]))
+            w_norm, d_norm = sums[: self.num_params].sqrt(), sums[self.num_params:].sqrt()
         group_w = self._group_sum(w_norm * w_norm).sqrt()
         group_d = self._group_sum(d_norm * d_norm).sqrt()
         nan = torch.full_like(group_w, float("nan"))

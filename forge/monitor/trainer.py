@@ -100,3 +100,34 @@ def loss_scaler(optimizer: Any) -> Any | None:
     """The fp16 ``GradScaler`` Accelerate attached to the optimizer, when it is enabled."""
     scaler = getattr(optimizer, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def grads_still_scaled(scaler: Any, optimizer: Any) -> bool:
+    """Whether the gradients of ``optimizer`` still carry the fp16 loss scale.
+
+    The Trainer unscales them in place whenever it measures their norm (with clipping, and
+    with ``max_grad_norm: 0`` too, through ``clip_grad_norm_(..., inf)``); GradScaler records
+    that per optimizer, so the monitor divides by the scale only when nobody did yet.
+    """
+    try:
+        from torch.amp.grad_scaler import OptState
+    except ImportError:  # torch < 2.3
+        from torch.cuda.amp.grad_scaler import OptState  # type: ignore[no-redef]
+    inner = getattr(optimizer, "optimizer", optimizer)
+    states = getattr(scaler, "_per_optimizer_states", None)
+    state = states.get(id(inner)) if isinstance(states, dict) else None  # .get: no default entry
+    return not (state is not None and state.get("stage") is OptState.UNSCALED)
+
+
+def track_deepspeed_loss(patches: Patches, engine: Any) -> dict[str, Any]:
+    """Keep the loss of the newest ``engine.backward`` call under ``"loss"``: DeepSpeed steps
+    inside the last micro-batch's backward, before the Trainer adds that loss to its total."""
+    seen: dict[str, Any] = {"loss": None}
+    original = engine.backward
+
+    def backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["loss"] = loss.detach() if hasattr(loss, "detach") else None
+        return original(loss, *args, **kwargs)
+
+    patches.set(engine, "backward", backward)
+    return seen

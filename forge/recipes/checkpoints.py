@@ -17,9 +17,11 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
+from forge.core.distributed import barrier
 from forge.core.paths import checkpoint_dir
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ class CheckpointCompleteCallback(TrainerCallback):
     """
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its part of a checkpoint (FSDP/ZeRO shards, RNG states, forge's
+        # files); the marker may only follow once all of them have finished.
+        barrier()
         if state.is_world_process_zero:
             checkpoint = Path(checkpoint_dir(args, state.global_step))
             if checkpoint.is_dir():
@@ -98,3 +103,24 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
             return str(checkpoint)
         skipped.append(checkpoint)
     return None
+
+
+def save_final_model(trainer: Any, output_dir: str) -> None:
+    """``trainer.save_model(output_dir)``, always leaving loadable weights behind.
+
+    With FSDP's ``SHARDED_STATE_DICT`` (the right choice for checkpoints of a large model) the
+    Trainer's ``save_model`` writes only distributed shards, so the output directory got no
+    ``model.safetensors`` and no config. The final model is saved with a full state dict
+    (gathered to rank 0) instead; checkpoints stay sharded.
+    """
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    kind = str(getattr(plugin, "state_dict_type", "")) if plugin is not None else ""
+    if "SHARDED_STATE_DICT" not in kind:
+        trainer.save_model(output_dir)
+        return
+    previous = plugin.state_dict_type
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        trainer.save_model(output_dir)
+    finally:
+        plugin.set_state_dict_type(previous)

@@ -24,8 +24,14 @@ from forge.config.loader import Preset
 from forge.config.schema import has_eval
 from forge.core.console import is_main_process, note
 from forge.errors import ForgeError
-from forge.recipes.checkpoints import is_complete, last_complete_checkpoint, writes_markers
+from forge.recipes.checkpoints import (
+    is_complete,
+    last_complete_checkpoint,
+    save_final_model,
+    writes_markers,
+)
 from forge.recipes.data import load_examples
+from forge.recipes.launch import check_launch
 from forge.recipes.model import adapter_base, load_model, load_tokenizer, model_max_positions
 from forge.recipes.output import check_output_dir, clear_previous_run, write_preset_file
 from forge.recipes.phases import Run, RunConfig
@@ -165,6 +171,7 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
         ForgeError: any mistake in the preset, the data or the paths, in one line.
     """
     config = RunConfig.from_preset(preset)
+    check_launch(config.training_args, config.features)
     output_dir = config.training_args.output_dir
     check_output_dir(output_dir, overwrite, bool(resume))
     if resume is True and get_last_checkpoint(output_dir) is None:
@@ -184,7 +191,7 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
         # Written first, so a run that crashes can be resumed with `forge train --resume CKPT`.
         write_preset_file(config.preset_yaml, output_dir)
     result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    trainer.save_model(output_dir)
+    save_final_model(trainer, output_dir)
     if trainer.is_world_process_zero():
         write_preset_file(config.preset_yaml, output_dir)
         # The loss curve and metrics, in the Trainer's own format, for reports and tests.

@@ -25,8 +25,8 @@ from forge.core.paths import PRESET_FILE
 from forge.errors import ForgeError
 from forge.trackers.base import (
     HISTOGRAM_PREFIX,
+    HistogramTap,
     TrackerCore,
-    grad_histograms,
     redacted_args,
     require,
     split_forge,
@@ -71,6 +71,7 @@ class ForgeTensorBoardCallback(TensorBoardCallback):
         super().__init__()
         spec = _spec(TensorBoardSpec, spec, overrides)
         self.forge = TrackerCore("tensorboard", spec, preset_yaml)
+        self.tap = HistogramTap(self.forge)
         if self.forge.spec.logging_dir:
             self.logging_dir = os.path.expanduser(self.forge.spec.logging_dir)
 
@@ -102,13 +103,11 @@ class ForgeTensorBoardCallback(TensorBoardCallback):
                 self.tb_writer.add_scalar(key, value, state.global_step)
         self.tb_writer.flush()
 
-    def _histograms(self, args, state, control, model=None, **kwargs):
-        if model is None or not self.forge.histogram_due(state):
-            return
+    def _histograms(self, args, state, hists):
         if self.tb_writer is None:
             self._init_summary_writer(args)
         step = state.global_step + 1  # the optimizer step these gradients are about to make
-        for block, h in grad_histograms(model).items():
+        for block, h in hists.items():
             self.tb_writer.add_histogram_raw(
                 HISTOGRAM_PREFIX + block, min=h["min"], max=h["max"], num=h["num"], sum=h["sum"],
                 sum_squares=h["sum_squares"], bucket_limits=h["edges"][1:],
@@ -120,6 +119,7 @@ class ForgeTensorBoardCallback(TensorBoardCallback):
             self.tb_writer = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.tap.begin()
         self.forge.guard("on_train_begin", self._begin, args, state, control,
                          on_failure=self._close, **kwargs)
 
@@ -127,11 +127,14 @@ class ForgeTensorBoardCallback(TensorBoardCallback):
         self.forge.guard("on_log", self._log, args, state, control, logs=logs,
                          on_failure=self._close, **kwargs)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.forge.guard("on_pre_optimizer_step", self._histograms, args, state, control,
-                         on_failure=self._close, **kwargs)
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        hists = self.tap.take(state, model)  # every rank: a collective under sharding
+        if hists:
+            self.forge.guard("on_pre_optimizer_step", self._histograms, args, state, hists,
+                             on_failure=self._close)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.tap.end()
         self.forge.guard("on_train_end", super().on_train_end, args, state, control, **kwargs)
 
 
@@ -158,6 +161,7 @@ class ForgeWandbCallback(WandbCallback):
         require("wandb")
         super().__init__()
         self.forge = TrackerCore("wandb", _spec(WandbSpec, spec, overrides), preset_yaml)
+        self.tap = HistogramTap(self.forge)
         if self.forge.spec.log_model:
             self._log_model = WandbLogModel.END
 
@@ -188,18 +192,19 @@ class ForgeWandbCallback(WandbCallback):
             logs = rest
         super().on_log(args, state, control, model=model, logs=logs, **kwargs)
 
-    def _histograms(self, args, state, control, model=None, **kwargs):
-        if model is None or not self._initialized or not self.forge.histogram_due(state):
+    def _histograms(self, args, state, taken):
+        if not self._initialized:
             return
         import numpy as np
 
         hists = {HISTOGRAM_PREFIX + block: self._wandb.Histogram(
                      np_histogram=(np.asarray(h["counts"]), np.asarray(h["edges"])))
-                 for block, h in grad_histograms(model).items()}
+                 for block, h in taken.items()}
         if hists:
             self._wandb.log({**hists, "train/global_step": state.global_step + 1})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.tap.begin()
         self.forge.guard("on_train_begin", super().on_train_begin, args, state, control,
                          model=model, **kwargs)
 
@@ -207,8 +212,10 @@ class ForgeWandbCallback(WandbCallback):
         self.forge.guard("on_log", self._log, args, state, control, model=model, logs=logs,
                          **kwargs)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.forge.guard("on_pre_optimizer_step", self._histograms, args, state, control, **kwargs)
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        hists = self.tap.take(state, model)  # every rank: a collective under sharding
+        if hists:
+            self.forge.guard("on_pre_optimizer_step", self._histograms, args, state, hists)
 
     def on_save(self, args, state, control, **kwargs):
         self.forge.guard("on_save", super().on_save, args, state, control, **kwargs)
@@ -218,6 +225,7 @@ class ForgeWandbCallback(WandbCallback):
                          **kwargs)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.tap.end()
         self.forge.guard("on_train_end", super().on_train_end, args, state, control, **kwargs)
 
 

@@ -18,6 +18,16 @@ from typing import Any, Callable
 
 import torch
 
+from forge.core.distributed import (
+    all_reduce_,
+    before_deepspeed_step,
+    deepspeed_engine,
+    deepspeed_grad_scaling,
+    grads_partitioned,
+    local_grad,
+    local_view,
+    numel,
+)
 from forge.core.figures import PREFIX
 from forge.core.trainable import trainable_set
 from forge.core.unwrap import strip_wrappers
@@ -115,9 +125,62 @@ class TrackerCore:
                     pass
 
     def histogram_due(self, state: Any) -> bool:
-        """Whether the optimizer step about to run (``global_step + 1``) gets histograms."""
+        """Whether the optimizer step about to run (``global_step + 1``) gets histograms, on
+        every rank (computing them is a collective; only rank 0 logs them)."""
         every = getattr(self.spec, "histogram_every", 0) or 0
-        return every > 0 and state.is_world_process_zero and (state.global_step + 1) % every == 0
+        return every > 0 and (state.global_step + 1) % every == 0
+
+
+class HistogramTap:
+    """Takes the gradient histograms a tracker logs, on every rank, where gradients exist.
+
+    Computing them is a collective under sharding (:func:`grad_histograms`), so every rank
+    takes them, whatever state its tracker is in; only rank 0 gets them back to log. Under
+    DeepSpeed the gradients exist only inside DeepSpeed's optimizer step, which runs before the
+    Trainer's ``on_pre_optimizer_step``: the tap takes them there
+    (:func:`forge.core.distributed.before_deepspeed_step`).
+
+    Example:
+        >>> tap = HistogramTap(core)  # in a tracker callback: tap.begin() at on_train_begin,
+        >>> # hists = tap.take(state, model) at on_pre_optimizer_step, tap.end() at the end
+    """
+
+    def __init__(self, core: TrackerCore) -> None:
+        self.core = core
+        self._pending: dict[str, dict[str, Any]] | None = None
+        self._remove: Callable[[], None] | None = None
+
+    def begin(self) -> None:
+        from forge.core.trainer_lookup import find_trainer_on_stack
+
+        self.end()
+        trainer, _ = find_trainer_on_stack()
+        engine = deepspeed_engine(trainer)
+        if engine is not None:
+            def grab() -> None:
+                if self.core.histogram_due(trainer.state):
+                    # Here, unlike at the Trainer's on_pre_optimizer_step, the gradients are
+                    # not unscaled nor clipped yet: report them as the update will use them.
+                    scale, clip = deepspeed_grad_scaling(engine)
+                    self._pending = self.compute(trainer.model, 1.0 / scale, clip)
+
+            self._remove = before_deepspeed_step(engine, grab)
+
+    def take(self, state: Any, model: Any) -> dict[str, dict[str, Any]] | None:
+        """This step's histograms on rank 0 (None elsewhere, or when none are due)."""
+        if self._remove is None and model is not None and self.core.histogram_due(state):
+            self._pending = self.compute(model)
+        out, self._pending = self._pending, None
+        return out if out and state.is_world_process_zero else None
+
+    def compute(self, model: Any, factor: float = 1.0, max_norm: float = 0.0) -> dict[str, dict[str, Any]]:
+        """The histograms of the gradients the update is made of, on every rank (a collective)."""
+        return as_clipped(grad_histograms(model), factor, max_norm)
+
+    def end(self) -> None:
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
 
 
 def grad_histograms(model: torch.nn.Module,
@@ -126,9 +189,14 @@ def grad_histograms(model: torch.nn.Module,
 
     Runs on the gradients' device with two host copies in all (the blocks' ranges, then every
     count and sum at once), a few kernels per parameter, once per histogram interval. Blocks are
-    the model's :class:`~forge.core.trainable.TrainableSet` groups (the monitor's too), so ``forge/grad_hist/layer_07`` sits beside
-    ``forge/grad_norm/layer_07``. Parameters without a gradient (frozen) are left out, and so
-    is a block with a non-finite gradient (the monitor reports those).
+    the model's :class:`~forge.core.trainable.TrainableSet` groups (the monitor's too), so
+    ``forge/grad_hist/layer_07`` sits beside ``forge/grad_norm/layer_07``. Frozen parameters
+    are left out, and so is a block with a non-finite gradient (the monitor reports those).
+
+    Under several processes it is a collective: call it on every rank. Each rank reads its part
+    of each gradient (:func:`forge.core.distributed.local_grad`: the FSDP2 shard, the ZeRO
+    partition, the full gradient under DDP), the ranges are reduced first and the counts and
+    sums next, so every rank returns the histogram of the full gradient.
 
     Returns:
         ``{block: {"min", "max", "num", "sum", "sum_squares", "edges" (bins + 1 floats),
@@ -141,31 +209,52 @@ def grad_histograms(model: torch.nn.Module,
         4
     """
     ts = trainable_set(model)
-    named = [(n, p.grad.detach()) for n, p in strip_wrappers(model).named_parameters()
-             if p.grad is not None and p.grad.numel() > 0]
-    if not named:
+    params = [(n, p) for n, p in strip_wrappers(model).named_parameters() if p.requires_grad]
+    grads = [(n, p, local_grad(p)) for n, p in params]
+    # The blocks come from names and requires_grad, the same on every rank (never from which
+    # gradients are present here), so every rank takes part in the same collectives.
+    members: dict[str, list[tuple[torch.Tensor | None, int]]] = {}
+    for name, p, g in grads:
+        members.setdefault(ts.group_of(name), []).append((g, numel(p)))
+    present = [g for _, _, g in grads if g is not None and g.numel() > 0]
+    split = grads_partitioned([p for _, p in params])
+    if not members or (not present and not split):
         return {}
-    device = named[0][1].device
-    members: dict[str, list[torch.Tensor]] = {}
-    for name, grad in named:
-        members.setdefault(ts.group_of(name), []).append(grad)
-    ranges = torch.stack([  # [blocks, 2]: each block's min and max, one host copy
-        torch.stack([torch.stack([g.min() for g in gs]).float().min().to(device),
-                     torch.stack([g.max() for g in gs]).float().max().to(device)])
-        for gs in members.values()]).cpu().tolist()
+    device = present[0].device if present else local_view(params[0][1]).device
+    inf = torch.tensor(float("inf"), device=device)
+    lows, highs, bad = [], [], []
+    for gs in members.values():
+        local = [g.detach() for g, _ in gs if g is not None and g.numel() > 0]
+        lows.append(torch.stack([g.min().float().to(device) for g in local]).min() if local else inf)
+        highs.append(torch.stack([g.max().float().to(device) for g in local]).max() if local else -inf)
+        bad.append(torch.stack([(~torch.isfinite(g)).any().to(device) for g in local]).any().float()
+                   if local else torch.zeros((), device=device))
+    # One MIN-reduction carries the minima, the negated maxima and the negated non-finite flags.
+    ranges = all_reduce_(torch.cat([torch.stack(lows), -torch.stack(highs), -torch.stack(bad)]), "min")
+    ranges = ranges.cpu().tolist()  # the first host copy
+    k = len(members)
     kept, rows = [], []
-    for (name, grads), (lo, hi) in zip(members.items(), ranges):
-        if not (math.isfinite(lo) and math.isfinite(hi)):
+    for j, (name, gs) in enumerate(members.items()):
+        lo, hi, broken = ranges[j], -ranges[k + j], ranges[2 * k + j] < 0
+        total = sum(n for _, n in gs)
+        if broken or not (math.isfinite(lo) and math.isfinite(hi)):
             continue
         if not hi > lo:  # all equal (e.g. all zero): histc needs a non-empty range
             lo, hi = lo - 0.5, hi + 0.5
-        counts = sum(torch.histc(g.float(), bins=bins, min=lo, max=hi).to(device) for g in grads)
-        sums = sum(torch.stack([g.float().sum(), g.float().pow(2).sum()]).to(device) for g in grads)
-        kept.append((name, lo, hi, sum(g.numel() for g in grads)))
-        rows.append(torch.cat([counts, sums]))
+        row = torch.zeros(bins + 2, device=device)
+        for g, _ in gs:
+            if g is not None and g.numel() > 0:
+                f = g.detach().float()
+                row += torch.cat([torch.histc(f, bins=bins, min=lo, max=hi),
+                                  torch.stack([f.sum(), f.pow(2).sum()])]).to(device)
+        kept.append((name, lo, hi, total))
+        rows.append(row)
     if not rows:
         return {}
-    host = torch.stack(rows).cpu().double().tolist()  # the second and last host copy
+    table = torch.stack(rows)
+    if split:  # each rank counted its part of every gradient; replicated ones are counted once
+        all_reduce_(table)
+    host = table.cpu().double().tolist()  # the second and last host copy
     out = {}
     for (name, lo, hi, num), row in zip(kept, host):
         out[name] = {"min": lo, "max": hi, "num": int(num), "sum": row[bins],
@@ -173,3 +262,26 @@ def grad_histograms(model: torch.nn.Module,
                      "edges": torch.linspace(lo, hi, bins + 1, dtype=torch.float64).tolist(),
                      "counts": row[:bins]}
     return out
+
+
+def as_clipped(hists: dict[str, dict[str, Any]], factor: float = 1.0,
+               max_norm: float = 0.0) -> dict[str, dict[str, Any]]:
+    """The histograms of the gradients times ``factor``, then clipped to a total norm of
+    ``max_norm`` (0: not clipped) as ``clip_grad_norm_`` would: every value scales by one
+    positive number, so the counts stay and the ranges, edges and sums scale.
+
+    Example:
+        >>> h = {"b": {"min": -3.0, "max": 4.0, "num": 2, "sum": 1.0, "sum_squares": 25.0,
+        ...            "edges": [-3.0, 4.0], "counts": [1.0]}}
+        >>> round(as_clipped(h, 1.0, 1.0)["b"]["max"], 6)  # norm 5 clipped to 1
+        0.8
+    """
+    if max_norm > 0:
+        norm = math.sqrt(sum(h["sum_squares"] for h in hists.values())) * factor
+        factor *= min(1.0, max_norm / (norm + 1e-6))
+    if factor == 1.0:
+        return hists
+    return {block: {**h, "min": h["min"] * factor, "max": h["max"] * factor, "sum": h["sum"] * factor,
+                    "sum_squares": h["sum_squares"] * factor * factor,
+                    "edges": [e * factor for e in h["edges"]]}
+            for block, h in hists.items()}
