@@ -19,42 +19,54 @@ computes the gradients in the forward pass, so the ``[batch, seq, vocab]`` logit
 See ``docs/loss.md``.
 """
 
-from forge.loss.adaptive import AdaptiveLoss, TokenLosses
-from forge.loss.callback import LossCallback, LossFiguresCallback
-from forge.loss.collators import ExampleWeightCollator, ResponseOnlyCollator
-from forge.loss.config import LossConfig, from_preset
-from forge.loss.ops.functional import fused_linear_cross_entropy
-from forge.loss.patch import keep_on_top, restore_lm_head, use_fused_lm_head
-from forge.loss.strategies import (
-                                   TokenWeighting,
-                                   custom,
-                                   dft,
-                                   entropy,
-                                   example_weights,
-                                   focal,
-                                   hard_tokens,
-                                   response_only,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AdaptiveLoss",
-    "ExampleWeightCollator",
-    "LossCallback",
-    "LossConfig",
-    "LossFiguresCallback",
-    "ResponseOnlyCollator",
-    "TokenLosses",
-    "TokenWeighting",
-    "custom",
-    "dft",
-    "entropy",
-    "example_weights",
-    "focal",
-    "from_preset",
-    "fused_linear_cross_entropy",
-    "hard_tokens",
-    "keep_on_top",
-    "response_only",
-    "restore_lm_head",
-    "use_fused_lm_head",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> module that defines it. Imported on first use, so that the plain-PyTorch maths
+# (``forge.loss.ops``) loads without transformers' Trainer, TRL or PEFT.
+_LAZY: dict[str, str] = {
+    "AdaptiveLoss": "forge.loss.adaptive", "TokenLosses": "forge.loss.adaptive",
+    "LossCallback": "forge.loss.callback", "LossFiguresCallback": "forge.loss.callback",
+    "ExampleWeightCollator": "forge.loss.collators", "ResponseOnlyCollator": "forge.loss.collators",
+    "LossConfig": "forge.loss.config", "from_preset": "forge.loss.config",
+    "fused_linear_cross_entropy": "forge.loss.ops.functional",
+    "keep_on_top": "forge.loss.patch", "restore_lm_head": "forge.loss.patch",
+    "use_fused_lm_head": "forge.loss.patch",
+    **dict.fromkeys(["TokenWeighting", "custom", "dft", "entropy", "example_weights", "focal", "hard_tokens",
+                     "response_only"], "forge.loss.strategies"),
+}
+
+if TYPE_CHECKING:
+    from forge.loss.adaptive import AdaptiveLoss, TokenLosses
+    from forge.loss.callback import LossCallback, LossFiguresCallback
+    from forge.loss.collators import ExampleWeightCollator, ResponseOnlyCollator
+    from forge.loss.config import LossConfig, from_preset
+    from forge.loss.ops.functional import fused_linear_cross_entropy
+    from forge.loss.patch import keep_on_top, restore_lm_head, use_fused_lm_head
+    from forge.loss.strategies import (
+                                       TokenWeighting,
+                                       custom,
+                                       dft,
+                                       entropy,
+                                       example_weights,
+                                       focal,
+                                       hard_tokens,
+                                       response_only,
+    )
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forge.loss' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
