@@ -226,7 +226,7 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w1", unk_token="w0")
 
 
-def _sft_run(tmp_path, cfg, peft=False, steps=2, loss_type="nll", callbacks=True):
+def _sft_run(tmp_path, cfg, peft=False, steps=2, loss_type="nll", callbacks=True, collator=None):
     """Logs, decoder passes and warnings of a tiny SFTTrainer run (4 rows x 2 accumulation steps)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -257,6 +257,10 @@ def _sft_run(tmp_path, cfg, peft=False, steps=2, loss_type="nll", callbacks=True
 
         peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     kwargs = from_preset(cfg, model, args) if cfg is not None else {}
+    if collator is not None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        kwargs["data_collator"] = collator(DataCollatorForLanguageModeling(pad_token_id=0))
     if not callbacks:
         kwargs.pop("callbacks")
     calls = _count_decoder_passes(model)
@@ -331,6 +335,20 @@ def test_sft_dft_strategy_equals_trl_dft_loss(tmp_path):
             torch.tensor([h[key] for h in forge]), torch.tensor([h[key] for h in ref]), rtol=1e-5, atol=1e-5
         )
     assert abs(forge[0]["loss"] - nll[0]["loss"]) > 1.0
+
+
+def test_sft_response_only_equals_trl_on_masked_labels(tmp_path):
+    """Prompt masking: forge's response_only loss is TRL's own NLL on labels masked beforehand
+    (the collator, checked against a hand-built mask in test_loss.py), denominator included."""
+    ref, _, _, _ = _sft_run(tmp_path / "trl", None, collator=lambda c: ResponseOnlyCollator(c, [3]))
+    plain, _, _, _ = _sft_run(tmp_path / "plain", None)
+    forge, _, _, _ = _sft_run(tmp_path / "forge", LossConfig(strategy="response_only", response_template=[3]))
+    for key in ("loss", "mean_token_accuracy", "entropy"):
+        torch.testing.assert_close(
+            torch.tensor([h[key] for h in forge]), torch.tensor([h[key] for h in ref]), rtol=1e-5, atol=1e-5
+        )
+    assert abs(forge[0]["loss"] - plain[0]["loss"]) > 1e-3
+    assert 0 < forge[0]["forge/loss/supervised_fraction"] < 0.9
 
 
 def test_sft_without_the_callback_warns_that_trl_computes_the_loss(tmp_path):

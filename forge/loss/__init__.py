@@ -22,7 +22,7 @@ See ``docs/loss.md``.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # public name -> module that defines it. Imported on first use, so that the plain-PyTorch maths
 # (``forge.loss.ops``) loads without transformers' Trainer, TRL or PEFT.
@@ -37,24 +37,6 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(["TokenWeighting", "custom", "dft", "entropy", "example_weights", "focal", "hard_tokens",
                      "response_only"], "forge.loss.strategies"),
 }
-
-if TYPE_CHECKING:
-    from forge.loss.adaptive import AdaptiveLoss, TokenLosses
-    from forge.loss.callback import LossCallback, LossFiguresCallback
-    from forge.loss.collators import ExampleWeightCollator, ResponseOnlyCollator
-    from forge.loss.config import LossConfig, from_preset
-    from forge.loss.ops.functional import fused_linear_cross_entropy
-    from forge.loss.patch import keep_on_top, restore_lm_head, use_fused_lm_head
-    from forge.loss.strategies import (
-                                       TokenWeighting,
-                                       custom,
-                                       dft,
-                                       entropy,
-                                       example_weights,
-                                       focal,
-                                       hard_tokens,
-                                       response_only,
-    )
 
 __all__ = sorted(_LAZY)
 
