@@ -226,7 +226,7 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w1", unk_token="w0")
 
 
-def _sft_run(tmp_path, cfg, peft=False, steps=2, loss_type="nll", callbacks=True, collator=None):
+def _sft_run(tmp_path, cfg, peft=False, steps=2, loss_type="nll", callbacks=True, collator=None, bf16=False):
     """Logs, decoder passes and warnings of a tiny SFTTrainer run (4 rows x 2 accumulation steps)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -245,7 +245,8 @@ def _sft_run(tmp_path, cfg, peft=False, steps=2, loss_type="nll", callbacks=True
         logging_steps=1,
         report_to="none",
         learning_rate=1e-2,
-        bf16=False,
+        bf16=bf16,
+        use_cpu=bf16,  # transformers asks for it to run bf16 autocast on a CPU
         save_strategy="no",
         seed=0,
         disable_tqdm=True,
@@ -349,6 +350,18 @@ def test_sft_response_only_equals_trl_on_masked_labels(tmp_path):
         )
     assert abs(forge[0]["loss"] - plain[0]["loss"]) > 1e-3
     assert 0 < forge[0]["forge/loss/supervised_fraction"] < 0.9
+
+
+def test_sft_bf16_autocast_reaches_forge_under_accelerate(tmp_path):
+    """bf16: accelerate wraps the forward in autocast when training starts; forge's forward stays
+    below that wrapper (and below TRL's head), so its matmuls run in bf16 like TRL's own."""
+    ref, _, _, _ = _sft_run(tmp_path / "trl", None, bf16=True)
+    fp32, _, _, _ = _sft_run(tmp_path / "fp32", LossConfig())
+    forge, train_calls, _, messages = _sft_run(tmp_path / "forge", LossConfig(), bf16=True)
+    assert train_calls == 4 and not any("outside forge's forward" in m for m in messages)
+    got, want = torch.tensor([h["loss"] for h in forge]), torch.tensor([h["loss"] for h in ref])
+    torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-3)
+    assert got[0] != fp32[0]["loss"]  # it did run in bf16
 
 
 def test_sft_without_the_callback_warns_that_trl_computes_the_loss(tmp_path):

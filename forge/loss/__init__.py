@@ -32,7 +32,7 @@ _LAZY: dict[str, str] = {
     "ExampleWeightCollator": "forge.loss.collators", "ResponseOnlyCollator": "forge.loss.collators",
     "LossConfig": "forge.loss.config", "from_preset": "forge.loss.config",
     "fused_linear_cross_entropy": "forge.loss.ops.functional",
-    "keep_on_top": "forge.loss.patch", "restore_lm_head": "forge.loss.patch",
+    "route_fused_head": "forge.loss.patch", "restore_lm_head": "forge.loss.patch",
     "use_fused_lm_head": "forge.loss.patch",
     **dict.fromkeys(["TokenWeighting", "custom", "dft", "entropy", "example_weights", "focal", "hard_tokens",
                      "response_only"], "forge.loss.strategies"),

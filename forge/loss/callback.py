@@ -1,11 +1,12 @@
-"""The loss section's callback: forge's forward stays in charge of the loss, and its figures reach
-every tracker.
+"""The loss section's callback: the trainer's loss call reaches forge's forward, and forge's
+figures reach every tracker.
 
-TRL's ``SFTTrainer`` patches a fused LM head of its own over the model's forward when it is built,
-after any callback saw the model, and computes its loss through it. At ``on_train_begin``
-:class:`LossCallback` puts forge's patched forward back on top (see :mod:`forge.loss.patch`), so
-TRL's one forward per micro-batch computes forge's loss and TRL's metrics alike. With a plain
-``Trainer`` there is nothing to reorder; the callback then only logs the figures.
+TRL's ``SFTTrainer`` computes its loss through a fused LM head of its own, patched over the model's
+forward. When the trainer is built (``on_init_end``, or ``on_train_begin`` for a callback added
+later) :class:`LossCallback` wraps the trainer instance's ``compute_loss`` with
+:func:`~forge.loss.patch.route_fused_head`, so that TRL's one forward per micro-batch is answered
+by forge's forward: forge's loss and TRL's metrics from the same pass. With a plain ``Trainer``
+that changes nothing; the callback then only logs the figures.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from transformers import TrainerCallback
 
 from forge.core.figures import add_figures, is_eval_log, put_ahead_of_trackers
 from forge.core.trainer_lookup import find_trainer_on_stack
-from forge.loss.patch import keep_on_top
+from forge.loss.patch import route_fused_head
 
 
 class LossCallback(TrainerCallback):
-    """Keeps forge's loss on top of the trainer's forward; logs ``forge/loss/...`` at each log.
+    """Routes the trainer's loss call to forge's forward; logs ``forge/loss/...`` at each log.
 
     Args:
         loss: The :class:`~forge.loss.AdaptiveLoss` the model was patched with.
@@ -33,13 +34,16 @@ class LossCallback(TrainerCallback):
     def __init__(self, loss: Any) -> None:
         self.loss = loss
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_init_end(self, args, state, control, **kwargs):
         trainer, _ = find_trainer_on_stack()
         if trainer is not None:
+            route_fused_head(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer, _ = find_trainer_on_stack()
+        if trainer is not None:
+            route_fused_head(trainer)
             put_ahead_of_trackers(trainer.callback_handler, self)
-            model = trainer.model
-        if model is not None:
-            keep_on_top(model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not is_eval_log(logs):

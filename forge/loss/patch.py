@@ -8,16 +8,21 @@ makes for its loss, with a single decoder pass each:
   forge's loss in ``outputs.loss``. While training with gradients the LM head is applied chunk by
   chunk by the fused kernel (``logits=None``); otherwise (evaluation) the original forward runs
   and the loss is computed from its logits, so ``compute_metrics`` still gets them.
-* ``model(**inputs, fused_lm_head=True)`` (TRL's ``SFTTrainer.compute_loss``, TRL >= 1.16): returns
-  TRL's fused-head fields from the same kernel pass: ``entropy``, ``is_top1`` and ``label_mask``
-  for its metrics, and ``log_probs`` set to minus forge's per-token loss terms, so that TRL's
-  ``-log_probs.sum() / num_items_in_batch`` is forge's loss (values exact; the gradient rides on
-  their sum, the only thing TRL takes of them).
+* a fused-head call (TRL >= 1.16: ``SFTTrainer.compute_loss`` calls ``model(**inputs,
+  fused_lm_head=True)``): returns TRL's fused-head fields from the same kernel pass: ``entropy``,
+  ``is_top1`` and ``label_mask`` for its metrics, and ``log_probs`` set to minus forge's per-token
+  loss terms, so that TRL's ``-log_probs.sum() / num_items_in_batch`` is forge's loss (values
+  exact; the gradient rides on their sum, the only thing TRL takes of them).
 
 A call without labels (generation, feature extraction) runs the original forward unchanged.
-TRL patches its own fused head on top when the ``SFTTrainer`` is built; :class:`~forge.loss.LossCallback`
-puts forge's forward back on top when training begins (calling :func:`use_fused_lm_head` again does
-the same), and a decoder pass that bypasses forge's forward while training draws a warning.
+
+TRL wraps the model's forward again with a fused head of its own when the ``SFTTrainer`` is
+built, and accelerate wraps it once more for autocast when training starts; both stay as they
+are. :func:`route_fused_head` instead wraps the trainer instance's ``compute_loss`` so that the
+model TRL calls turns ``fused_lm_head=True`` into ``forge_fused_lm_head=True``: TRL's wrapper
+passes that through to forge's forward, under accelerate's autocast. :class:`~forge.loss.LossCallback`
+does this when the trainer is built. A decoder pass that bypasses forge's forward while training
+draws a warning.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from transformers.utils import ModelOutput
 
 # Batch keys the patched forward takes out of the model inputs and hands to the loss.
 EXTRA_KEYS: tuple[str, ...] = ("loss_weights", "completion_mask")
+# The fused-head call under the name TRL's own wrapper passes on to the forward it wraps.
+HEAD_KEY = "forge_fused_lm_head"
 
 
 @dataclass
@@ -58,9 +65,10 @@ class _State:
         self.loss, self.fused, self.keys = loss, fused, keys
         self.softcap, self.scale = _logit_transform(config)
         self.depth = 0  # > 0 while a forge forward runs: the decoder's guard reads it
-        self.active = True  # False once restored: a layer left under another wrapper passes through
+        self.active = True  # False once restored: a forward left under another wrapper passes through
         self.warned: set[str] = set()
-        self.layers: list[tuple[Any, Any]] = []  # (forge's bound forward, the one it wraps), innermost first
+        self.forward: Any = None  # forge's bound forward, and the one it wraps
+        self.previous: Any = None
         self.hook: Any = None
         self.had_accepts_loss_kwargs: Any = None
 
@@ -185,20 +193,21 @@ def _loss_forward(self, state: _State, previous, args, kwargs, labels, num_items
 
 
 def _install(target: torch.nn.Module, state: _State) -> None:
-    """Put a forge forward on top of whatever ``target.forward`` is now (the original, or TRL's)."""
+    """Put forge's forward over ``target.forward`` (the original one)."""
     previous = target.forward
 
     # Keep the original signature: `generate` validates its model kwargs against it, and the
     # Trainer reads **kwargs from it to pass `num_items_in_batch`.
     @functools.wraps(type(target).forward)
     def forward(self, *args, labels=None, num_items_in_batch=None, fused_lm_head=False, **kwargs):
+        head_call = bool(fused_lm_head) or bool(kwargs.pop(HEAD_KEY, False))
         if not state.active:
-            loss_kwargs = {"labels": labels, "num_items_in_batch": num_items_in_batch, "fused_lm_head": fused_lm_head}
-            return previous(*args, **{k: v for k, v in loss_kwargs.items() if v is not None and v is not False}, **kwargs)
+            loss_kwargs = {"labels": labels, "num_items_in_batch": num_items_in_batch}
+            return previous(*args, **{k: v for k, v in loss_kwargs.items() if v is not None}, **kwargs)
         extras = {k: kwargs.pop(k) for k in state.keys if k in kwargs}
         state.depth += 1
         try:
-            if labels is None and not fused_lm_head:
+            if labels is None and not head_call:
                 if num_items_in_batch is not None:
                     kwargs["num_items_in_batch"] = num_items_in_batch
                 out = previous(*args, **kwargs)
@@ -207,14 +216,54 @@ def _install(target: torch.nn.Module, state: _State) -> None:
                     out.loss_extras = extras
                 return out
             if labels is None:
-                raise ValueError("fused_lm_head=True needs labels")
-            return _loss_forward(self, state, previous, args, kwargs, labels, num_items_in_batch, fused_lm_head,
-                                 extras)
+                raise ValueError("a fused-head call (fused_lm_head=True) needs labels")
+            return _loss_forward(self, state, previous, args, kwargs, labels, num_items_in_batch, head_call, extras)
         finally:
             state.depth -= 1
 
     target.forward = types.MethodType(forward, target)
-    state.layers.append((target.forward, previous))
+    state.forward, state.previous = target.forward, previous
+
+
+class _HeadCallsToForge:
+    """The model as a wrapped ``compute_loss`` sees it: ``fused_lm_head=True`` becomes forge's key."""
+
+    def __init__(self, model: torch.nn.Module):
+        object.__setattr__(self, "_model", model)
+
+    def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
+        if fused_lm_head:
+            kwargs[HEAD_KEY] = True
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def route_fused_head(trainer: Any) -> None:
+    """Wrap ``trainer.compute_loss`` (on the instance) so that its fused-head calls reach forge's forward.
+
+    TRL's ``SFTTrainer.compute_loss`` calls ``model(**inputs, fused_lm_head=True)``, which TRL's
+    own fused head (patched over the model's forward) would answer without forge. The wrapper hands
+    ``compute_loss`` the same model under a view that renames that flag, so the call goes through
+    every wrapper (DDP, accelerate's autocast, TRL's head, PEFT) down to forge's forward, which
+    answers it. Nothing else about the call changes; idempotent; harmless on a plain ``Trainer``.
+
+    Example:
+        >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds)
+        >>> route_fused_head(trainer)    # LossCallback does this when the trainer is built
+    """
+    routed = getattr(trainer.compute_loss, "_forge_routed", False)
+    if routed or getattr(_base_model(trainer.model), "_forge_loss_state", None) is None:
+        return  # done already, or forge's forward is not there to answer
+    original = trainer.compute_loss
+
+    @functools.wraps(original)
+    def compute_loss(model, *args, **kwargs):
+        return original(_HeadCallsToForge(model), *args, **kwargs)
+
+    compute_loss._forge_routed = True
+    trainer.compute_loss = compute_loss
 
 
 def _guard(state: _State):
@@ -223,8 +272,8 @@ def _guard(state: _State):
             state.warn_once(
                 "bypass",
                 "forge.loss: the decoder ran outside forge's forward while training (another fused LM head, "
-                "such as TRL's, is on top of it), so forge's loss is not the one being trained; give the "
-                "trainer loss_fn.callback() (LossCallback), or call use_fused_lm_head(model, loss_fn) again",
+                "such as TRL's, answered the trainer's loss call), so forge's loss is not the one being trained; "
+                "give the trainer loss_fn.callback() (LossCallback), or call route_fused_head(trainer)",
             )
 
     return hook
@@ -239,8 +288,7 @@ def use_fused_lm_head(
 ) -> torch.nn.Module:
     """Patch ``model.forward`` so that a call with ``labels`` returns forge's loss (see the module).
 
-    Calling it again updates the loss and options, and puts forge's forward back on top if another
-    wrapper (TRL's fused head) was installed over it since.
+    Calling it again updates the loss and options.
 
     Args:
         model: A causal LM (``*ForCausalLM``), plain or PEFT-wrapped.
@@ -269,26 +317,9 @@ def use_fused_lm_head(
     else:
         state.loss = loss if loss is not None else state.loss
         state.fused, state.keys = fused, tuple(extra_keys)
-    if not state.layers:
+    if state.forward is None:
         _install(target, state)
-    keep_on_top(model)
     return model
-
-
-def keep_on_top(model: torch.nn.Module) -> bool:
-    """Put forge's forward back over any wrapper installed since (TRL's fused head); False if unpatched.
-
-    Example:
-        >>> trainer = SFTTrainer(model=model, ...)   # TRL wraps the forward again here
-        >>> keep_on_top(trainer.model)               # LossCallback does this at on_train_begin
-    """
-    target = _base_model(model)
-    state = getattr(target, "_forge_loss_state", None)
-    if state is None:
-        return False
-    if target.forward != state.layers[-1][0]:
-        _install(target, state)
-    return True
 
 
 def restore_lm_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -301,12 +332,11 @@ def restore_lm_head(model: torch.nn.Module) -> torch.nn.Module:
     state = getattr(target, "_forge_loss_state", None)
     if state is None:
         return model
-    # Peel forge's layers off the top; one left under another wrapper passes every call through.
-    while state.layers and target.forward == state.layers[-1][0]:
-        target.forward = state.layers.pop()[1]
-    if target.forward == types.MethodType(type(target).forward, target):
-        del target.forward
-    state.active = False
+    if target.forward == state.forward:
+        target.forward = state.previous
+        if target.forward == types.MethodType(type(target).forward, target):
+            del target.forward
+    state.active = False  # left under another wrapper (TRL's), it passes every call through
     if state.hook is not None:
         state.hook.remove()
     if state.had_accepts_loss_kwargs is None:

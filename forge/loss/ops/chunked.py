@@ -267,13 +267,13 @@ def _forward(hidden, weight, bias, labels, token_weights, weight_fn, opts: CEOpt
             # Statistics first: for per-token outputs, for weights that look at the whole batch (top
             # fraction, user callables), and as the whole job when no gradient is wanted.
             st = _run(hidden, w_c, b_c, labels, idx, run, backend)
-            w, v = _weights_and_vjp(
-                weight_fn, token_weights, st["logp"], st.get("entropy"), labels, st["base"], run, need_vjp=grads is not None
-            )
+            w, v = _weights_and_vjp(weight_fn, token_weights, st["logp"], st.get("entropy"), labels, st["base"], run,
+                                    need_vjp=grads is not None)
             if grads is not None:
                 st.update(_run(hidden, w_c, b_c, labels, idx, run, backend, grads=grads, w_all=w, v_all=v))
         else:
-            st = _run(hidden, w_c, b_c, labels, idx, run, backend, grads=grads, weight_fn=weight_fn, fixed=token_weights)
+            st = _run(hidden, w_c, b_c, labels, idx, run, backend, grads=grads, weight_fn=weight_fn,
+                      fixed=token_weights)
             w = st["w"]
     del w_c, b_c
     # Normalising to mean weight one is a constant factor, so it is applied after the passes.
@@ -308,7 +308,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weights, weight_fn, opts: CEOptions):
-        outputs, state = _forward(hidden, weight, bias, labels, token_weights, weight_fn, opts, ctx.needs_input_grad[:3])
+        needs = ctx.needs_input_grad[:3]
+        outputs, state = _forward(hidden, weight, bias, labels, token_weights, weight_fn, opts, needs)
         ctx.reduction, ctx.n = opts.reduction, labels.shape[0]
         if opts.reduction == "none":
             st = state["st"]
