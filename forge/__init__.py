@@ -53,6 +53,7 @@ _LAZY: dict[str, str] = {
     "fused_linear_cross_entropy": "forge.loss", "AdaptiveLoss": "forge.loss",
     "LossConfig": "forge.loss", "use_fused_lm_head": "forge.loss", "restore_lm_head": "forge.loss",
     "ExampleWeightCollator": "forge.loss", "TokenWeighting": "forge.loss",
+    "LossCallback": "forge.loss", "ResponseOnlyCollator": "forge.loss",
     # training monitor
     "GradientMonitor": "forge.monitor", "MonitorConfig": "forge.monitor",
     "GradientAnomalyError": "forge.monitor", "Anomaly": "forge.monitor",

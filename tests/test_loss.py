@@ -1,41 +1,32 @@
 """Tests for forge.loss: fused chunked linear + cross-entropy and adaptive token weighting.
 
 Every check compares against an independent reference: ``torch.nn.functional.cross_entropy`` on
-materialised float64 logits, direct formulas of each strategy differentiated by autograd, the
-model's own loss, and unpatched Trainer / SFTTrainer runs.
+materialised float64 logits (or on labels masked by hand), direct formulas of each strategy
+differentiated by autograd, and a record of the matmuls the kernel dispatches (grad mode,
+autocast). Trainer and TRL routes: ``test_loss_trainer.py``; Triton kernels: ``test_loss_triton.py``.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_llama
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from forge.loss import (
     AdaptiveLoss,
-    ExampleWeightCollator,
-    LossConfig,
     custom,
     dft,
     entropy,
     example_weights,
     focal,
-    from_preset,
     fused_linear_cross_entropy,
     hard_tokens,
     response_only,
-    restore_lm_head,
     use_fused_lm_head,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 D = torch.float64
 
 
@@ -218,21 +209,54 @@ def test_uniform_weights_equal_plain_cross_entropy():
     torch.testing.assert_close(tw, _reference(hidden, weight, None, labels, "mean"))
 
 
-def test_response_only_and_example_weights():
+def _templated_labels():
     hidden, weight, _, labels = _inputs(lead=(2, 12), v=50, seed=3)
     labels[:, :] = torch.arange(10, 22)
     labels[0, 3:5] = torch.tensor([7, 8])  # response template [7, 8] in row 0 only
     labels[1, 5:7] = torch.tensor([7, 8])
     labels[1, 9:11] = torch.tensor([9, 9])  # instruction template ends the response
-    _, outputs = _head_outputs(hidden, weight)
-    loss = AdaptiveLoss(response_only([7, 8], [9, 9]))(outputs, labels)
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[0, 5:] = True
     mask[1, 7:9] = True
+    return hidden, weight, labels, mask
+
+
+def test_response_only_is_prompt_masking():
+    """Masked tokens leave numerator and denominator: F.cross_entropy on -100-masked labels."""
+    hidden, weight, labels, mask = _templated_labels()
+    _, outputs = _head_outputs(hidden, weight)
     ref_labels = torch.where(mask, labels, -100)
-    ref = F.cross_entropy((hidden[:, :-1] @ weight.t()).reshape(-1, 50), ref_labels[:, 1:].reshape(-1), reduction="sum")
-    # Masked tokens leave the numerator but the denominator stays the Trainer's (label) count.
-    torch.testing.assert_close(loss, ref / (labels[:, 1:] != -100).sum())
+    logits = (hidden[:, :-1] @ weight.t()).reshape(-1, 50)
+    ref = F.cross_entropy(logits, ref_labels[:, 1:].reshape(-1))  # mean over the response tokens only
+    for path_outputs in (outputs, {"logits": hidden @ weight.t()}):
+        loss = AdaptiveLoss(response_only([7, 8], [9, 9]))(path_outputs, labels)
+        torch.testing.assert_close(loss, ref)
+        (a,) = _grads(loss, [hidden])
+        (b,) = torch.autograd.grad(ref, [hidden], retain_graph=True)
+        torch.testing.assert_close(a, b)
+    # The Trainer's count was taken from the unmasked labels: the loss refuses it, the collator fixes it.
+    with pytest.raises(ValueError, match="ResponseOnlyCollator"):
+        AdaptiveLoss(response_only([7, 8]))(outputs, labels, num_items_in_batch=22)
+
+
+def test_response_only_collator_masks_labels_padding_free():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from forge.loss import ResponseOnlyCollator
+
+    _, _, labels, mask = _templated_labels()
+    examples = [{"input_ids": row.tolist()} for row in labels]
+    batch = ResponseOnlyCollator(DataCollatorForLanguageModeling(pad_token_id=0), [7, 8], [9, 9])(examples)
+    assert torch.equal(batch["labels"], torch.where(mask, labels, -100))
+    # Padding-free: one row; the second example's prompt is not part of the first one's response.
+    flat = ResponseOnlyCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), [7, 8])
+    got = flat([{"input_ids": [1, 7, 8, 4, 5]}, {"input_ids": [6, 6, 7, 8, 3]}])["labels"]
+    assert got.tolist() == [[-100, -100, -100, 4, 5, -100, -100, -100, -100, 3]]
+
+
+def test_example_weights():
+    hidden, weight, labels, _ = _templated_labels()
+    _, outputs = _head_outputs(hidden, weight)
     ex = torch.tensor([0.5, 2.0], dtype=D)
     outputs["loss_extras"] = {"loss_weights": ex}
     loss = AdaptiveLoss(example_weights())(outputs, labels, num_items_in_batch=22)
@@ -240,6 +264,52 @@ def test_response_only_and_example_weights():
         (hidden[:, :-1] @ weight.t()).reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="none"
     )
     torch.testing.assert_close(loss, (per_tok.view(2, 11) * ex[:, None]).sum() / 22)
+
+
+class _MatmulLog(TorchDispatchMode):
+    """Records the input dtypes of every matmul dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.calls.append(tuple(a.dtype for a in args if torch.is_tensor(a)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_grad_does_no_gradient_work():
+    """Under no_grad (evaluation) one matmul per chunk, the statistics; with gradients three."""
+    hidden, weight, _, labels = _inputs(n=40, seed=12)
+    chunks = -(-int((labels != -100).sum()) // 8)
+    with torch.no_grad(), _MatmulLog() as log:
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+    assert len(log.calls) == chunks and loss.grad_fn is None
+    torch.testing.assert_close(loss, _reference(hidden, weight, None, labels, "mean"))
+    with _MatmulLog() as log:
+        fused_linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+    assert len(log.calls) == 3 * chunks
+
+
+def test_bf16_autocast_runs_the_matmuls_in_bf16():
+    """fp32 weights under bf16 autocast: every vocabulary matmul in bf16, as nn.Linear would be."""
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(48, 32, generator=g).requires_grad_(True)
+    weight = (torch.randn(300, 32, generator=g) * 0.3).requires_grad_(True)
+    labels = torch.randint(0, 300, (48,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _MatmulLog() as log:
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=16)
+        model_path = F.cross_entropy(F.linear(hidden, weight).float(), labels)  # what the model computes
+    assert log.calls and all(set(c) == {torch.bfloat16} for c in log.calls), log.calls
+    fp32 = _reference(hidden, weight, None, labels, "mean")
+    # As close to the model's own bf16 path as bf16 allows, and not the fp32 number.
+    assert abs(loss.item() - model_path.item()) < 2e-2 and loss.item() != fp32.item()
+    gh, gw = _grads(loss, [hidden, weight])
+    rh, rw = _grads(fp32, [hidden, weight])
+    assert gh.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(gw, rw, rtol=0, atol=2e-3)
+    torch.testing.assert_close(gh, rh, rtol=0, atol=2e-3)
 
 
 def test_reduction_none_with_batch_weights_backward():
@@ -265,307 +335,35 @@ def test_reduction_none_with_batch_weights_backward():
 # ---- gradient accumulation -------------------------------------------------------------------
 
 
-def _accumulated_grad(model, ids, labels, loss_fn, micro, use_num_items=True):
+def _accumulated_grad(model, ids, labels, loss_fn, micro, use_num_items=True, extras=None):
     """Trainer contract: num_items_in_batch counts shifted labels over the accumulated batch."""
     model.zero_grad()
+    use_fused_lm_head(model, loss_fn)
     num_items = (labels[:, 1:] != -100).sum() if use_num_items else None
     for s in range(0, ids.shape[0], micro):
-        loss_fn(model(input_ids=ids[s : s + micro]), labels[s : s + micro], num_items_in_batch=num_items).backward()
+        part = {k: v[s : s + micro] for k, v in (extras or {}).items()}
+        out = model(input_ids=ids[s : s + micro], labels=labels[s : s + micro], num_items_in_batch=num_items, **part)
+        assert out.logits is None  # the fused head
+        out.loss.backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("strategy", [None, "focal", "dft", "entropy_fixed_scale", "response"])
+@pytest.mark.parametrize("strategy", [None, "focal", "dft", "entropy_fixed_scale", "weights"])
 def test_accumulation_8x1_equals_2x4(strategy):
     model = make_tiny_llama(seed=0).double().train()
-    use_fused_lm_head(model)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(4, 128, (8, 16), generator=g)
-    ids[:, 9] = 3  # a response template token in every row, after the masked prefixes below
     labels = ids.clone()
     for i in range(8):  # very different valid counts per example
         labels[i, : 1 + i] = -100
-    strat = {"focal": focal(2.0), "dft": dft(), "entropy_fixed_scale": entropy(), "response": response_only([3])}
+    strat = {"focal": focal(2.0), "dft": dft(), "entropy_fixed_scale": entropy(), "weights": example_weights()}
     loss_fn = AdaptiveLoss(strat.get(strategy), normalize=False, z_loss=1e-3)
-    full = _accumulated_grad(model, ids, labels, loss_fn, 8)
-    accum = _accumulated_grad(model, ids, labels, loss_fn, 2)
+    extras = {"loss_weights": torch.linspace(0.5, 2.0, 8, dtype=D)[:, None].expand(8, 16)}
+    full = _accumulated_grad(model, ids, labels, loss_fn, 8, extras=extras)
+    accum = _accumulated_grad(model, ids, labels, loss_fn, 2, extras=extras)
     for a, b in zip(full, accum):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # Without the Trainer's count each micro-batch averages over its own tokens: not equivalent
     # (the Trainer would then divide each micro-batch loss by the 4 accumulation steps).
-    naive = _accumulated_grad(model, ids, labels, loss_fn, 2, use_num_items=False)
+    naive = _accumulated_grad(model, ids, labels, loss_fn, 2, use_num_items=False, extras=extras)
     assert max((a - b / 4).abs().max() for a, b in zip(full, naive)) > 1e-6
-
-
-def _tiny_trainer(tmp_path, model, compute_loss_func=None, batch=8, accum=1, steps=1, lr=1.0, **kw):
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
-
-    g = torch.Generator().manual_seed(6)
-    ids = torch.randint(0, 128, (8 * steps, 12), generator=g)
-    labels = ids.clone()
-    for i in range(ids.shape[0]):
-        labels[i, : 1 + i % 8] = -100
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accum,
-        max_steps=steps,
-        learning_rate=lr,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-        **kw,
-    )
-    return Trainer(model=model, args=args, train_dataset=ds, compute_loss_func=compute_loss_func)
-
-
-def test_trainer_accumulation_equivalence(tmp_path):
-    deltas = []
-    for batch, accum in [(8, 1), (2, 4)]:
-        model = make_tiny_llama(seed=0).double()
-        before = [p.detach().clone() for p in model.parameters()]
-        loss_fn = AdaptiveLoss(focal(1.0)).attach(model)
-        _tiny_trainer(tmp_path / f"{batch}", model, loss_fn, batch=batch, accum=accum).train()
-        deltas.append([p.detach() - b for p, b in zip(model.parameters(), before)])
-    for a, b in zip(*deltas):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
-
-
-def test_trainer_fused_loss_curve_matches_standard(tmp_path):
-    curves = []
-    for fused in (False, True):
-        model = make_tiny_llama(seed=0)
-        loss_fn = AdaptiveLoss().attach(model) if fused else None
-        tr = _tiny_trainer(tmp_path / str(fused), model, loss_fn, batch=4, accum=2, steps=4, lr=1e-2)
-        tr.train()
-        curves.append([h["loss"] for h in tr.state.log_history if "loss" in h])
-    assert len(curves[0]) == 4
-    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-5, atol=1e-5)
-
-
-# ---- the patched forward: PEFT, tied embeddings, generation ---------------------------------
-
-
-def _model_grads(model, ids, labels, loss_fn):
-    model.zero_grad()
-    loss = loss_fn(model(input_ids=ids), labels, num_items_in_batch=None)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("variant", ["tied", "lora", "lora_tied", "modules_to_save", "lora_on_head"])
-def test_fused_forward_matches_logits(variant):
-    from peft import LoraConfig, get_peft_model
-
-    model = make_tiny_llama(seed=1, tie_word_embeddings="tied" in variant).double()
-    if variant != "tied":
-        targets = ["q_proj", "v_proj"] + (["lm_head"] if variant == "lora_on_head" else [])
-        save = ["lm_head"] if variant == "modules_to_save" else None
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, modules_to_save=save, lora_dropout=0.0))
-        for n, p in model.named_parameters():  # non-zero LoRA B so its gradient path is exercised
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
-    model.train()
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(7))
-    labels = ids.clone()
-    labels[0, :3] = -100
-    loss_fn = AdaptiveLoss(focal(2.0))
-    ref_loss, ref_grads = _model_grads(model, ids, labels, loss_fn)
-    use_fused_lm_head(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = model(input_ids=ids)
-        fell_back = any("full logits" in str(w.message) for w in caught)
-    assert (out.logits is not None) == fell_back == (variant == "lora_on_head")
-    loss, grads = _model_grads(model, ids, labels, loss_fn)
-    torch.testing.assert_close(loss, ref_loss)
-    assert grads.keys() == ref_grads.keys() and grads
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
-    # Eval and generation keep the original forward.
-    model.eval()
-    with torch.no_grad():
-        assert model(input_ids=ids).logits.shape == (2, 10, 128)
-    restore_lm_head(model)
-
-
-def test_fused_forward_with_gradient_checkpointing():
-    model = make_tiny_llama(seed=3).double()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(10))
-    ref_loss, ref_grads = _model_grads(model, ids, ids, AdaptiveLoss(dft()))
-    use_fused_lm_head(model)
-    loss, grads = _model_grads(model, ids, ids, AdaptiveLoss(dft()))
-    torch.testing.assert_close(loss, ref_loss)
-    for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], msg=n)
-
-
-def test_decoder_output_is_never_reused_stale():
-    model = make_tiny_llama(seed=4).train()
-    use_fused_lm_head(model)
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(12))
-    model(input_ids=ids).last_hidden_state.sum().backward()
-    with torch.no_grad():
-        for p in model.parameters():  # an optimizer step, in place
-            p.add_(0.1 * torch.randn_like(p))
-        direct = model.model(input_ids=ids).last_hidden_state  # same inputs, as TRL's metrics call
-        after = model(input_ids=ids).logits
-    restore_lm_head(model)
-    with torch.no_grad():
-        torch.testing.assert_close(direct, model.model(input_ids=ids).last_hidden_state)
-        torch.testing.assert_close(after, model(input_ids=ids).logits)
-
-
-def test_labels_in_forward_match_model_loss_and_generation_unchanged():
-    model = make_tiny_llama(seed=2).train()
-    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(8))
-    labels = ids.clone()
-    labels[1, :4] = -100
-    ref = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(13)).loss
-    model.eval()
-    gen_ref = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
-    use_fused_lm_head(model).train()
-    out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(13))
-    assert out.logits is None and out[0] is out.loss
-    torch.testing.assert_close(out.loss, ref)
-    model.eval()
-    assert torch.equal(model.generate(ids[:, :4], max_new_tokens=5, do_sample=False), gen_ref)
-
-
-def test_example_weight_collator_padding_free():
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    examples = [{"input_ids": [1, 2, 3], "w": 2.0}, {"input_ids": [4, 5], "w": 0.5}]
-    padded = ExampleWeightCollator(DataCollatorForLanguageModeling(pad_token_id=0), "w")(examples)
-    assert padded["loss_weights"].tolist() == [[2.0, 2.0, 2.0], [0.5, 0.5, 0.5]]
-    flat = ExampleWeightCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), "w")(examples)
-    assert flat["loss_weights"].tolist() == [[2.0, 2.0, 2.0, 0.5, 0.5]]
-
-
-# ---- presets and TRL ------------------------------------------------------------------------
-
-
-def test_loss_config_and_from_preset():
-    from dataclasses import fields
-
-    from transformers import TrainingArguments
-
-    assert all(f.metadata.get("help") for f in fields(LossConfig))
-    args = TrainingArguments(output_dir="unused", report_to="none")
-    model = make_tiny_llama()
-    assert from_preset(LossConfig(fused=False), model, args) == {}
-    assert "forward" not in vars(model)
-    kw = from_preset(LossConfig(strategy="hard_tokens", top_fraction=0.5, z_loss=1e-4), model, args)
-    loss_fn = kw["compute_loss_func"]
-    assert isinstance(loss_fn, AdaptiveLoss) and loss_fn.normalize and loss_fn.z_loss == 1e-4
-    assert loss_fn.strategies[0].top_fraction == 0.5 and "forward" in vars(model)
-    kw = from_preset(LossConfig(weight_column="w"), make_tiny_llama(), args)
-    assert isinstance(kw["data_collator"], ExampleWeightCollator) and args.remove_unused_columns is False
-    with pytest.raises(ValueError, match="unknown"):
-        from_preset(LossConfig(strategy="nope"), make_tiny_llama(), args)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        from_preset(LossConfig(), make_tiny_llama(), TrainingArguments("unused", label_smoothing_factor=0.1))
-
-
-def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w1", unk_token="w0")
-
-
-def _sft_run(tmp_path, cfg, peft=False):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    g = torch.Generator().manual_seed(9)
-    lengths = torch.randint(6, 20, (16,), generator=g)
-    texts = [" ".join(f"w{int(t)}" for t in torch.randint(2, 128, (int(n),), generator=g)) for n in lengths]
-    ds = Dataset.from_dict({"text": texts, "w": [0.5 + i % 3 for i in range(16)]})
-    model = make_tiny_llama(seed=0, tie_word_embeddings=peft)
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        report_to="none",
-        learning_rate=1e-2,
-        bf16=False,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    peft_config = None
-    if peft:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    kwargs = from_preset(cfg, model, args) if cfg is not None else {}
-    layer_calls = []
-    model.model.layers[0].register_forward_hook(lambda *a: layer_calls.append(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TRL's deprecation notice for compute_loss_func
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=ds,
-            eval_dataset=ds.select(range(4)) if peft else None,
-            processing_class=_word_tokenizer(),
-            peft_config=peft_config,
-            **kwargs,
-        )
-        trainer.train()
-        logs = [h for h in trainer.state.log_history if "loss" in h]
-        if peft:  # evaluation and prediction read the logits of the unpatched (eval-mode) forward
-            logs.append(trainer.evaluate())
-            preds = trainer.predict(trainer.eval_dataset.select(range(2))).predictions
-            logs.append({"logits_shape": tuple(preds.shape)})
-    return logs, len(layer_calls)
-
-
-def test_sft_trainer_fused_matches_trl_with_lora_and_tied_embeddings(tmp_path):
-    """forge's fused loss through PEFT + tied embeddings gives TRL's own loss and metrics."""
-    ref, ref_calls = _sft_run(tmp_path / "trl", None, peft=True)
-    fused, calls = _sft_run(tmp_path / "forge", LossConfig(fused=True), peft=True)
-    # TRL's metrics call reuses the training forward's decoder output: one decoder pass per micro-batch.
-    assert calls == ref_calls == 4 + 3  # 4 micro-batches, then evaluate (1) and predict (2)
-    for key in ("loss", "mean_token_accuracy", "entropy"):
-        torch.testing.assert_close(
-            torch.tensor([h[key] for h in fused[:2]]), torch.tensor([h[key] for h in ref[:2]]), rtol=1e-5, atol=1e-5
-        )
-    for key in ("eval_loss", "eval_mean_token_accuracy"):
-        torch.testing.assert_close(fused[2][key], ref[2][key], rtol=1e-5, atol=1e-5)
-    assert fused[3]["logits_shape"][-1] == 128
-
-
-def test_sft_trainer_strategy_with_weight_column_fused_equals_unfused(tmp_path):
-    plain, _ = _sft_run(tmp_path / "a", LossConfig(strategy="focal", weight_column="w", fused=False))
-    fused, _ = _sft_run(tmp_path / "b", LossConfig(strategy="focal", weight_column="w", fused=True))
-    torch.testing.assert_close(torch.tensor([h["loss"] for h in fused]), torch.tensor([h["loss"] for h in plain]))
-    assert all(h["mean_token_accuracy"] >= 0 and h["entropy"] > 0 for h in fused)
-
-
-def test_example_script_runs(tmp_path):
-    # One thread: tiny models run faster without thread contention on a small CPU box.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "adaptive_loss_trainer.py"), "--output-dir", str(tmp_path)],
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "fused loss matches standard" in proc.stdout

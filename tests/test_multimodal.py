@@ -137,8 +137,12 @@ def test_freeze_acts_on_language_blocks_and_the_tower_only_when_asked(vlm):
 def test_schedules_and_layerwise_lr_treat_the_tower_as_the_input_side(vlm):
     model, _, lm, tower = vlm
     depths = layer_depths(model)
-    assert {depths[n] for n in _names_under(model, tower)} == {0}
-    assert {depths[n] for n in _names_under(model, f"{lm}.layers.1")} == {2}
+    # Depth = decay steps below the head: the top block 1, the bottom 2, embeddings and tower 3.
+    embeddings = {n for n in depths if "embed_tokens" in n and n.startswith(lm)}
+    assert embeddings and {depths[n] for n in embeddings} == {3}
+    assert {depths[n] for n in _names_under(model, tower)} == {3}
+    assert {depths[n] for n in _names_under(model, f"{lm}.layers.1")} == {1}
+    assert {depths[n] for n in _names_under(model, f"{lm}.layers.0")} == {2}
     gradual = GradualUnfreezingCallback(model, every_n_steps=1)
     first, last = set(gradual.trainable_at(0)), set(gradual.trainable_at(10))
     assert not first & _names_under(model, tower) and not first & _names_under(model, f"{lm}.layers.0")

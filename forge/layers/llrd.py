@@ -1,10 +1,20 @@
 """Layer-wise learning-rate decay (LLRD): lower blocks learn more slowly than upper ones.
 
-Depths follow ELECTRA/BEiT: embeddings are depth 0, block ``i`` is depth ``i + 1`` and the final
-norm / head / other top parts are depth ``n + 1``; a parameter at depth ``d`` gets
-``base_lr * decay ** (n + 1 - d)``. So the head trains at ``base_lr``, the top block at
-``base_lr * decay`` and the embeddings at ``base_lr * decay ** (n + 1)``. Weight decay is split
-exactly like the Trainer does (none on biases and norms).
+A parameter ``d`` steps below the top gets ``base_lr * decay ** d`` (ELECTRA/BEiT's rule, counted
+from the output): the head, the final norm and task modules (pooler, classifier) are the top,
+``d = 0``, so they train at ``base_lr``; the ``k``-th block from the top of its stack has
+``d = k`` (the top block ``base_lr * decay``); the embeddings sit one below the bottom block,
+``d = n + 1``. Two cases users trip on:
+
+* A tied LM head is one tensor with the input embeddings. It is the output projection, so it
+  trains with the head at ``base_lr``, tied or not (at the embeddings' rate a 28-block model's
+  output layer would learn at ``0.9 ** 29 ~ 5%`` of the base rate).
+* Encoder-decoder models (T5, BART) have two stacks side by side, not one on top of the other:
+  each is decayed from its own top, so the top encoder block and the top decoder block both get
+  ``base_lr * decay``. Embeddings inside one stack (BART's positions, and the norm applied right
+  after them) sit below that stack; shared ones below the deeper stack.
+
+Weight decay is split exactly like the Trainer does (none on biases and norms).
 
 Example::
 
@@ -22,26 +32,67 @@ import torch
 from torch import nn
 
 from forge.core.discovery import LayerInfo, find_layers
+from forge.core.unwrap import unwrap
 
 __all__ = ["LayerwiseLRDecayFactory", "layer_depths", "layerwise_lr_groups", "layerwise_lr_optimizer"]
 
 
 def layer_depths(model: nn.Module, info: LayerInfo | None = None) -> dict[str, int]:
-    """Depth of every parameter (0 = embeddings and a vision tower, ``i + 1`` = block ``i``,
-    ``n + 1`` = head/norm/other).
+    """Decay steps below the top for every parameter: the exponent ``d`` of ``base_lr * decay ** d``.
+
+    0 for the head (tied or not), final norms and task modules; ``k`` for the ``k``-th block from
+    the top of its stack; one more than its stack's block count for the embeddings (the deeper
+    stack's, for embeddings shared by an encoder and a decoder); a vision tower with the
+    deepest embeddings (it feeds the language model's input side).
 
     Example::
 
-        layer_depths(model)["model.layers.0.mlp.up_proj.weight"]  # 1
+        layer_depths(model)["model.layers.0.mlp.up_proj.weight"]  # n_blocks for the bottom block
     """
     info = info or find_layers(model)
-    top = info.num_blocks + 1
+    per_stack = [info.block_stack.count(s) for s in range(len(info.stacks))]
+    first = [info.block_stack.index(s) for s in range(len(info.stacks))]
+    bottom = max(per_stack) + 1
+    # An embedding under one stack's container (BART's `model.encoder.embed_positions`) sits below it.
+    containers = [path.rpartition(".")[0] for path in info.stacks]
     depths = {}
-    for key, names in info.groups.items():
-        # A vision tower feeds the language model's input side: it learns as slowly as the embeddings.
-        depth = 0 if key in ("embeddings", "vision") else int(key.split(".")[1]) + 1 if key.startswith("block.") else top
-        depths.update(dict.fromkeys(names, depth))
+    for name, key in _groups(model, info).items():
+        if key in ("head", "norm", "other"):
+            depths[name] = 0
+        elif key == "vision":
+            # A vision tower feeds the language model's input side: it learns as slowly as the embeddings.
+            depths[name] = bottom
+        elif key.startswith("block."):
+            i = int(key.split(".")[1])
+            s = info.block_stack[i]
+            depths[name] = per_stack[s] - (i - first[s])
+        else:
+            owners = [s for s, c in enumerate(containers) if c and name.startswith(c + ".")]
+            depths[name] = per_stack[owners[0]] + 1 if len(owners) == 1 else bottom
     return depths
+
+
+def _groups(model: nn.Module, info: LayerInfo) -> dict[str, str]:
+    """:func:`find_layers`' group of each parameter, as LLRD reads it: a tied head weight is the
+    head's, and a norm applied right after the embeddings (BART's ``layernorm_embedding``) theirs."""
+    groups = info.group_of()
+    for name, key in groups.items():
+        if key == "norm" and "embed" in name.rpartition(".")[0]:
+            groups[name] = "embeddings"
+    for name in _head_parameter_names(model):
+        groups[name] = "head"
+    return groups
+
+
+def _head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the output head's parameters, as ``named_parameters`` lists them (a tied weight
+    appears once, under the embeddings' name)."""
+    get = getattr(unwrap(model), "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return set()
+    ids = {id(p) for p in head.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
 def _decay_names(model: nn.Module) -> set[str]:
@@ -63,11 +114,13 @@ def layerwise_lr_groups(
 
     Only parameters with ``requires_grad`` are included (as the Trainer does). Groups are
     ordered top-down so ``param_groups[0]`` (the rate the Trainer logs) carries ``base_lr``.
-    Each group has a ``"name"`` key such as ``"block.3"`` or ``"block.3/no_decay"``.
+    Each group has a ``"name"`` key: a :func:`~forge.layers.find_layers` group (``"head"``,
+    ``"norm"``, ``"other"``, ``"block.3"``, ``"embeddings"``), with ``"/no_decay"`` for biases and
+    norms. See the module docstring for the depth rule.
 
     Args:
         model: plain or PEFT-wrapped HF model.
-        base_lr: learning rate of the head (depth ``n + 1``).
+        base_lr: learning rate of the top: head, final norm, task modules.
         decay: multiplicative factor per depth step, in (0, 1].
         weight_decay: applied to all but biases and norm weights.
         info: a precomputed :func:`forge.layers.find_layers` result.
@@ -87,24 +140,26 @@ def layerwise_lr_groups(
         raise ValueError(f"layer-wise lr decay must be in (0, 1], got {decay}")
     info = info or find_layers(model)
     depths = layer_depths(model, info)
-    top = info.num_blocks + 1
+    group_of = _groups(model, info)
+    blocks = [key for key in info.groups if key.startswith("block.")]
+    order = {key: i for i, key in enumerate(["head", "norm", "other", *reversed(blocks), "embeddings"])}
     decays = _decay_names(model)
-    buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    buckets: dict[tuple[int, int, bool], tuple[str, list[nn.Parameter]]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets.setdefault((depths[name], name in decays), []).append(p)
+            key = group_of[name]
+            bucket = buckets.setdefault((depths[name], order[key], name not in decays), (key, []))
+            bucket[1].append(p)
     if not buckets:
         raise ValueError("layerwise_lr_groups: the model has no trainable parameters")
-    label = {0: "embeddings", top: "head"}
     groups = []
-    for (depth, with_decay), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
-        name = label.get(depth, f"block.{depth - 1}") + ("" if with_decay else "/no_decay")
+    for (depth, _, no_decay), (key, params) in sorted(buckets.items()):
         groups.append(
             {
                 "params": params,
-                "lr": base_lr * decay ** (top - depth),
-                "weight_decay": weight_decay if with_decay else 0.0,
-                "name": name,
+                "lr": base_lr * decay**depth,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "name": key + ("/no_decay" if no_decay else ""),
             }
         )
     return groups

@@ -1,54 +1,54 @@
 """Adaptive token-level loss on a fused, chunked linear + cross-entropy.
 
-Inside: ``ops/`` (the maths: the chunked autograd Function and its functional face, tested
-against ``F.cross_entropy`` without any Trainer), ``strategies`` (token weightings),
-``adaptive`` (the loss callable a Trainer takes), ``patch`` (the model forward that hands the
-LM head to the loss) and ``config`` (the ``loss:`` preset section).
+Inside: ``ops/`` (the maths: the chunked autograd Function, its PyTorch and Triton per-row
+kernels and its functional face, tested against ``F.cross_entropy`` without any Trainer),
+``strategies`` (token weightings), ``adaptive`` (the loss), ``patch`` (the model forward that
+computes it), ``collators`` (prompt masking and example weights in the batch), ``figures`` and
+``callback`` (what the trackers show) and ``config`` (the ``loss:`` preset section).
 
-Two ways in, on an unchanged ``transformers.Trainer`` or TRL ``SFTTrainer``::
+On an unchanged ``transformers.Trainer`` or TRL ``SFTTrainer``::
 
-    from forge.loss import AdaptiveLoss, focal, use_fused_lm_head
+    from forge.loss import AdaptiveLoss, focal
 
-    loss_fn = AdaptiveLoss(strategy=focal(2.0), z_loss=1e-4)
-    use_fused_lm_head(model)            # optional: never build the [batch, seq, vocab] logits
-    trainer = Trainer(model=model, args=args, train_dataset=ds, compute_loss_func=loss_fn)
+    loss_fn = AdaptiveLoss(strategy=focal(2.0), z_loss=1e-4).attach(model)   # patches model.forward
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, callbacks=[loss_fn.callback()])
 
-Without :func:`use_fused_lm_head` the same loss runs on the model's logits. With it, the model
-returns its last hidden state and :func:`fused_linear_cross_entropy` applies the model's own LM head
-chunk by chunk, computing the gradients in the forward pass. See ``docs/loss.md``.
+The patched forward computes the loss in the trainer's one decoder pass per micro-batch; while
+training, :func:`fused_linear_cross_entropy` applies the model's own LM head chunk by chunk and
+computes the gradients in the forward pass, so the ``[batch, seq, vocab]`` logits never exist.
+See ``docs/loss.md``.
 """
 
-from forge.loss.adaptive import AdaptiveLoss
-from forge.loss.config import LossConfig, from_preset
-from forge.loss.figures import LossFiguresCallback
-from forge.loss.ops.functional import fused_linear_cross_entropy
-from forge.loss.patch import ExampleWeightCollator, restore_lm_head, use_fused_lm_head
-from forge.loss.strategies import (
-                                   TokenWeighting,
-                                   custom,
-                                   dft,
-                                   entropy,
-                                   example_weights,
-                                   focal,
-                                   hard_tokens,
-                                   response_only,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AdaptiveLoss",
-    "ExampleWeightCollator",
-    "LossConfig",
-    "LossFiguresCallback",
-    "TokenWeighting",
-    "custom",
-    "dft",
-    "entropy",
-    "example_weights",
-    "focal",
-    "from_preset",
-    "fused_linear_cross_entropy",
-    "hard_tokens",
-    "response_only",
-    "restore_lm_head",
-    "use_fused_lm_head",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it. Imported on first use, so that the plain-PyTorch maths
+# (``forge.loss.ops``) loads without transformers' Trainer, TRL or PEFT.
+_LAZY: dict[str, str] = {
+    "AdaptiveLoss": "forge.loss.adaptive", "TokenLosses": "forge.loss.adaptive",
+    "LossCallback": "forge.loss.callback", "LossFiguresCallback": "forge.loss.callback",
+    "ExampleWeightCollator": "forge.loss.collators", "ResponseOnlyCollator": "forge.loss.collators",
+    "LossConfig": "forge.loss.config", "from_preset": "forge.loss.config",
+    "fused_linear_cross_entropy": "forge.loss.ops.functional",
+    "route_fused_head": "forge.loss.patch", "restore_lm_head": "forge.loss.patch",
+    "use_fused_lm_head": "forge.loss.patch",
+    **dict.fromkeys(["TokenWeighting", "custom", "dft", "entropy", "example_weights", "focal", "hard_tokens",
+                     "response_only"], "forge.loss.strategies"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forge.loss' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

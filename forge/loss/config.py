@@ -10,8 +10,8 @@ import torch
 from forge.core.console import note
 from forge.core.hooks import ARGS, apply_arg_updates
 from forge.loss.adaptive import AdaptiveLoss
-from forge.loss.figures import LossFiguresCallback
-from forge.loss.patch import ExampleWeightCollator, use_fused_lm_head
+from forge.loss.collators import ExampleWeightCollator, ResponseOnlyCollator
+from forge.loss.patch import use_fused_lm_head
 from forge.loss.strategies import (
     STRATEGIES,
     TokenWeighting,
@@ -32,7 +32,7 @@ class LossConfig:
 
     Example:
         >>> cfg = LossConfig(strategy="focal", gamma=2.0, z_loss=1e-4)
-        >>> kwargs = from_preset(cfg, model, training_args)   # {"compute_loss_func": AdaptiveLoss(...)}
+        >>> kwargs = from_preset(cfg, model, training_args)   # {"callbacks": [LossCallback(...)]}
     """
 
     strategy: str | None = field(
@@ -47,7 +47,8 @@ class LossConfig:
     response_template: list[int] | None = field(
         default=None,
         metadata={
-            "help": "response_only: token ids that open a response; null relies on the trainer's prompt masking."
+            "help": "response_only: token ids that open a response (masked in the collator); null relies on the "
+            "trainer's prompt masking."
         },
     )
     instruction_template: list[int] | None = field(
@@ -79,7 +80,11 @@ class LossConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing, as in torch cross_entropy."})
 
     def build(self) -> AdaptiveLoss:
-        """The :class:`AdaptiveLoss` this section describes."""
+        """The :class:`AdaptiveLoss` this section describes.
+
+        Prompt masking is not part of it: :func:`transform` masks the labels in the collator
+        (:class:`ResponseOnlyCollator`), so that the Trainer's token count sees the mask too.
+        """
         strategies: list[TokenWeighting] = []
         params = {
             "focal": lambda: focal(self.gamma),
@@ -92,7 +97,7 @@ class LossConfig:
         if self.strategy is not None:
             if self.strategy not in params:
                 raise ValueError(f"loss.strategy: unknown {self.strategy!r}; choose from {sorted(params)}")
-            if not (self.strategy == "response_only" and self.response_template is None):
+            if self.strategy != "response_only":
                 strategies.append(params[self.strategy]())
         if self.weight_column is not None and self.strategy != "example_weights":
             strategies.append(example_weights())
@@ -108,12 +113,13 @@ class LossConfig:
 
 
 def transform(cfg: LossConfig, model: torch.nn.Module, training_args: Any) -> dict[str, Any]:
-    """Phase 1 (model transforms) of a preset's ``loss:`` section; may patch ``model`` in place.
+    """Phase 1 (model transforms) of a preset's ``loss:`` section; patches ``model`` in place.
 
-    Returns ``{}`` for plain, unfused cross-entropy. Otherwise ``{"compute_loss_func": AdaptiveLoss}``,
-    plus ``{"data_collator": ExampleWeightCollator(...)}`` when ``weight_column`` is set (and, under
-    ``"args"``, ``remove_unused_columns=False`` so the column reaches the collator). With
-    ``fused`` the model (or the model inside a PEFT wrapper) gets :func:`use_fused_lm_head`.
+    Returns ``{}`` for plain, unfused cross-entropy. Otherwise the model (or the model inside a
+    PEFT wrapper) gets :func:`use_fused_lm_head`, so its forward computes the loss in the one
+    decoder pass the trainer makes, and the result is ``{"callbacks": [LossCallback]}``, plus a
+    ``data_collator`` when the labels need masking (``response_template``) or the batch needs a
+    weight column (``weight_column``, with ``remove_unused_columns=False`` under ``"args"``).
 
     Args:
         cfg: The validated section.
@@ -143,15 +149,14 @@ def transform(cfg: LossConfig, model: torch.nn.Module, training_args: Any) -> di
     if getattr(training_args, "label_smoothing_factor", 0.0):
         raise ValueError("loss: set loss.label_smoothing instead of label_smoothing_factor in the training arguments")
     loss_fn = cfg.build()
-    kwargs: dict[str, Any] = {"compute_loss_func": loss_fn, "callbacks": [LossFiguresCallback(loss_fn)]}
+    kwargs: dict[str, Any] = {"callbacks": [loss_fn.callback()]}
     what = cfg.strategy or "plain cross-entropy"
     extras = [f"{k} {getattr(cfg, k)}" for k in ("z_loss", "label_smoothing") if getattr(cfg, k)]
     path = "the fused chunked LM head (no full logits)" if cfg.fused else "the model's logits"
     note(f"loss: {what}{' with ' + ', '.join(extras) if extras else ''} on {path}")
-    if cfg.fused or cfg.weight_column is not None:
-        # Unfused runs still need the patch to route the weight column past the model.
-        use_fused_lm_head(model, loss=loss_fn, fused=cfg.fused)
-    if cfg.weight_column is not None:
+    use_fused_lm_head(model, loss=loss_fn, fused=cfg.fused)
+    mask = cfg.strategy == "response_only" and cfg.response_template is not None
+    if mask or cfg.weight_column is not None:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         config = _base_model_config(model)
@@ -159,13 +164,17 @@ def transform(cfg: LossConfig, model: torch.nn.Module, training_args: Any) -> di
         if pad is None:
             eos = getattr(config, "eos_token_id", None)
             pad = (eos[0] if isinstance(eos, list) else eos) or 0
-        base = DataCollatorForLanguageModeling(
+        collator: Any = DataCollatorForLanguageModeling(
             pad_token_id=pad,
             padding_free=bool(getattr(training_args, "padding_free", False)),
             pad_to_multiple_of=getattr(training_args, "pad_to_multiple_of", None),
         )
-        kwargs["data_collator"] = ExampleWeightCollator(base, cfg.weight_column)
-        kwargs[ARGS] = {"remove_unused_columns": False}
+        if mask:
+            collator = ResponseOnlyCollator(collator, cfg.response_template, cfg.instruction_template)
+        if cfg.weight_column is not None:
+            collator = ExampleWeightCollator(collator, cfg.weight_column)
+            kwargs[ARGS] = {"remove_unused_columns": False}
+        kwargs["data_collator"] = collator
     return kwargs
 
 

@@ -3,6 +3,7 @@ per-token weights the strategies produced, and the share of tokens that were sup
 
 The statistics accumulate on the device as the weights are computed (no host sync in the
 step); :meth:`WeightStats.figures` reads them once per logging interval and starts over.
+:class:`~forge.loss.LossCallback` puts them into the logs.
 """
 
 from __future__ import annotations
@@ -10,10 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
-
-from forge.core.figures import add_figures, is_eval_log, put_ahead_of_trackers
-from forge.core.trainer_lookup import find_trainer_on_stack
 
 
 class WeightStats:
@@ -95,24 +92,3 @@ class RecordedWeights:
         w = self.weight_fn(logp, entropy, labels)
         self.stats.add(torch.as_tensor(w).expand_as(logp), self.clamp_min, self.clamp_max)
         return w
-
-
-class LossFiguresCallback(TrainerCallback):
-    """Puts a loss's :class:`WeightStats` into the logs (and every tracker) at each log.
-
-    Example:
-        >>> loss_fn = AdaptiveLoss(strategy=focal(2.0))
-        >>> trainer = Trainer(..., compute_loss_func=loss_fn, callbacks=[LossFiguresCallback(loss_fn)])
-    """
-
-    def __init__(self, loss: Any) -> None:
-        self.loss = loss
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer, _ = find_trainer_on_stack()
-        if trainer is not None:
-            put_ahead_of_trackers(trainer.callback_handler, self)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not is_eval_log(logs):
-            add_figures(logs, state, self.loss.stats.figures())

@@ -1,16 +1,28 @@
-"""Memory-saving forward for causal LMs: decoder to hidden states, LM head applied by the fused loss.
+"""The model forward that computes forge's loss: one decoder pass per micro-batch, no logits.
 
-:func:`use_fused_lm_head` replaces ``model.forward`` on the instance (PEFT wrappers call it, TRL
-wraps it again) so that, while training with gradients enabled, the model returns its last hidden
-state and a reference to its own LM head instead of ``[batch, seq, vocab]`` logits.
-:class:`~forge.loss.AdaptiveLoss` (as ``compute_loss_func``, or attached to the model when the
-forward receives ``labels``) then applies the head chunk by chunk. Evaluation, generation and
-anything under ``torch.no_grad()`` run the original forward unchanged.
+:func:`use_fused_lm_head` replaces ``forward`` on the model instance (the transformers model inside
+a PEFT wrapper, so ``PeftModel`` calls it). The patched forward answers the two calls a trainer
+makes for its loss, with a single decoder pass each:
 
-TRL's ``SFTTrainer`` with a ``compute_loss_func`` calls the model a second time, without gradients
-and with its own fused head, only to log token accuracy and entropy. The decoder output of the
-patched forward is kept for that one call (matched by the identity of the input tensors and
-consumed once), so the second call costs an LM head pass but not another decoder forward.
+* ``model(**inputs, num_items_in_batch=n)`` with ``labels`` (``Trainer.compute_loss``): returns
+  forge's loss in ``outputs.loss``. While training with gradients the LM head is applied chunk by
+  chunk by the fused kernel (``logits=None``); otherwise (evaluation) the original forward runs
+  and the loss is computed from its logits, so ``compute_metrics`` still gets them.
+* a fused-head call (TRL >= 1.16: ``SFTTrainer.compute_loss`` calls ``model(**inputs,
+  fused_lm_head=True)``): returns TRL's fused-head fields from the same kernel pass: ``entropy``,
+  ``is_top1`` and ``label_mask`` for its metrics, and ``log_probs`` set to minus forge's per-token
+  loss terms, so that TRL's ``-log_probs.sum() / num_items_in_batch`` is forge's loss (values
+  exact; the gradient rides on their sum, the only thing TRL takes of them).
+
+A call without labels (generation, feature extraction) runs the original forward unchanged.
+
+TRL wraps the model's forward again with a fused head of its own when the ``SFTTrainer`` is
+built, and accelerate wraps it once more for autocast when training starts; both stay as they
+are. :func:`route_fused_head` instead wraps the trainer instance's ``compute_loss`` so that the
+model TRL calls turns ``fused_lm_head=True`` into ``forge_fused_lm_head=True``: TRL's wrapper
+passes that through to forge's forward, under accelerate's autocast. :class:`~forge.loss.LossCallback`
+does this when the trainer is built. A decoder pass that bypasses forge's forward while training
+draws a warning.
 """
 
 from __future__ import annotations
@@ -18,14 +30,52 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 # Batch keys the patched forward takes out of the model inputs and hands to the loss.
 EXTRA_KEYS: tuple[str, ...] = ("loss_weights", "completion_mask")
-_PATCH_ATTR = "_forge_fused_forward"
+# The fused-head call under the name TRL's own wrapper passes on to the forward it wraps.
+HEAD_KEY = "forge_fused_lm_head"
+
+
+@dataclass
+class FusedLossOutput(ModelOutput):
+    """What the patched forward returns for ``fused_lm_head=True``: the fields of TRL's
+    ``FusedCausalLMOutput`` that ``SFTTrainer.compute_loss`` reads (per-token, ``[batch, seq - 1]``,
+    zero where the label is ignored). ``log_probs`` is minus forge's per-token loss terms."""
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class _State:
+    """What one patched model carries: the loss, the options, and whether its forward is running."""
+
+    def __init__(self, loss: Any, fused: bool, keys: tuple[str, ...], config: Any):
+        self.loss, self.fused, self.keys = loss, fused, keys
+        self.softcap, self.scale = _logit_transform(config)
+        self.depth = 0  # > 0 while a forge forward runs: the decoder's guard reads it
+        self.active = True  # False once restored: a forward left under another wrapper passes through
+        self.warned: set[str] = set()
+        self.forward: Any = None  # forge's bound forward, and the one it wraps
+        self.previous: Any = None
+        self.hook: Any = None
+        self.had_accepts_loss_kwargs: Any = None
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -51,9 +101,13 @@ def _plain_head(head: torch.nn.Module | None) -> torch.nn.Linear | None:
     return None
 
 
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _logit_transform(config: Any) -> tuple[float | None, float]:
     """(softcap, scale) the model's own forward applies to the LM head output (Gemma 2, Cohere, Granite...)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     softcap = getattr(text, "final_logit_softcapping", None)
     scale = getattr(text, "logit_scale", None)
     if scale is None:
@@ -63,230 +117,231 @@ def _logit_transform(config: Any) -> tuple[float | None, float]:
     return softcap, float(1.0 if scale is None else scale)
 
 
-def _call_key(args: tuple, kwargs: dict) -> tuple:
-    """What identifies a decoder call: its inputs, minus forge's batch keys and explicit Nones."""
-    return args, {k: v for k, v in kwargs.items() if v is not None and k not in EXTRA_KEYS}
+def _router_aux_loss(model: torch.nn.Module, backbone_out: Any, attention_mask: Any) -> torch.Tensor | None:
+    """MoE load balancing loss from the decoder's router logits (as the model's own forward adds it)."""
+    router_logits = getattr(backbone_out, "router_logits", None)
+    if router_logits is None:
+        return None
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text = _text_config(model.config)
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    return load_balancing_loss_func(router_logits, experts, text.num_experts_per_tok, attention_mask)
 
 
-def _same_call(cached: tuple, key: tuple) -> bool:
-    """Whether two call keys match: tensors by identity, everything else by value."""
-    (c_args, c_kwargs), (args, kwargs) = cached, key
-    if len(args) != len(c_args) or set(kwargs) != set(c_kwargs):
-        return False
-    pairs = list(zip(args, c_args)) + [(kwargs[k], c_kwargs[k]) for k in c_kwargs]
-    return all(a is b if torch.is_tensor(a) or torch.is_tensor(b) else a == b for a, b in pairs)
+def _trl_outputs(terms: Any, aux_loss: torch.Tensor | None) -> FusedLossOutput:
+    """TRL's fused-head fields from forge's per-token terms (see the module docstring)."""
+    mask = terms.mask
+    count = mask.sum().clamp(min=1)
+    # Values: each token's term. Gradient: the exact total's, spread evenly over the counted tokens,
+    # so that the sum (all TRL takes) has the loss's gradient; an all-masked batch stays connected.
+    carried = (terms.total - terms.total.detach()) * mask / count
+    return FusedLossOutput(
+        loss=terms.total / count,
+        log_probs=-(terms.token_loss + carried),
+        entropy=terms.entropy,
+        is_top1=terms.top1,
+        label_mask=mask,
+        aux_loss=aux_loss,
+    )
 
 
-def _witness(module: torch.nn.Module) -> tuple[int, int] | None:
-    """Identity and in-place version counter of the first trainable parameter (an optimizer step bumps it)."""
-    p = next((p for p in module.parameters() if p.requires_grad), None)
-    return None if p is None else (id(p), p._version)
+def _loss_forward(self, state: _State, previous, args, kwargs, labels, num_items_in_batch, trl_call, extras):
+    """The forward of a call with labels: one decoder pass, forge's loss (see the module docstring)."""
+    from forge.loss.adaptive import AdaptiveLoss
 
-
-def _wrap_backbone(target: torch.nn.Module, backbone: torch.nn.Module) -> None:
-    """Let one no-grad decoder call with the same inputs reuse the previous call's output.
-
-    Only outputs computed inside the patched model forward are kept, and one is served at most
-    once, to the very next decoder call, and only to a call made directly on the decoder (not
-    through the model's forward, which is how TRL's fused head calls it right after the loss), in
-    the same train/eval mode, without gradients, with the same input tensor objects, and with the
-    trainable parameters unchanged (their version counter), so nothing stale is ever served.
-    """
-    if getattr(backbone, "_forge_reuse", False):
-        return
-    previous = backbone.forward
-
-    @functools.wraps(type(backbone).forward)
-    def forward(self, *args, **kwargs):
-        for k in EXTRA_KEYS:  # TRL's fused head passes every batch key on to the decoder
-            kwargs.pop(k, None)
-        key = _call_key(args, kwargs)
-        cache, target._forge_decoder_cache = target._forge_decoder_cache, None
-        direct = not target._forge_in_forward
-        reusable = cache is not None and direct and not torch.is_grad_enabled() and cache[2] == self.training
-        if reusable and cache[3] == _witness(self) and _same_call(cache[0], key):
-            return cache[1]
-        out = previous(*args, **kwargs)
-        if not direct and hasattr(out, "items"):
-            # Detached: the reusing call runs under no_grad and must not hold the graph.
-            reuse = type(out)(**{k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()})
-            target._forge_decoder_cache = (key, reuse, self.training, _witness(self))
-        return out
-
-    backbone.forward = types.MethodType(forward, backbone)
-    backbone._forge_reuse = True
-
-
-def use_fused_lm_head(
-    model: torch.nn.Module,
-    loss: Callable | None = None,
-    extra_keys: Sequence[str] = EXTRA_KEYS,
-    fused: bool = True,
-) -> torch.nn.Module:
-    """Make ``model`` return hidden states for the fused loss while training; returns ``model``.
-
-    Call it on the plain model or its PEFT wrapper, before or after wrapping with PEFT and before or
-    after building a TRL trainer. While ``model.training`` and gradients are enabled, the forward
-    runs the decoder only and returns a ``CausalLMOutputWithPast`` with ``logits=None`` plus the keys
-    ``last_hidden_state``, ``lm_head`` (the model's own head module, tied or not), ``logit_softcap``,
-    ``logit_scale`` and ``loss_extras``. If ``labels`` are passed, ``loss`` (an
-    :class:`~forge.loss.AdaptiveLoss`; plain cross-entropy when None) fills ``outputs.loss`` using
-    ``num_items_in_batch``. Batch keys in ``extra_keys`` (per-token weights, completion masks) are
-    removed from the model inputs and passed to the loss in every mode.
-
-    Args:
-        model: A causal LM (``PreTrainedModel`` with ``get_output_embeddings``) or a PEFT model.
-        loss: Loss used when the forward receives ``labels``.
-        extra_keys: Batch keys to route to the loss instead of the model.
-        fused: False keeps the full logits and only routes ``extra_keys`` (for unfused runs that
-            still need per-example weights or completion masks).
-
-    Returns:
-        The same model, patched in place (idempotent; :func:`restore_lm_head` undoes it).
-
-    Example:
-        >>> model = use_fused_lm_head(model)
-        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, compute_loss_func=AdaptiveLoss())
-    """
-    target = _base_model(model)
-    if getattr(target, _PATCH_ATTR, None) is not None:
-        target._forge_loss = loss if loss is not None else target._forge_loss
-        target._forge_fused = fused
-        return model
-    previous = target.forward
-    softcap, scale = _logit_transform(target.config)
-    keys = tuple(extra_keys)
-    warned: list[bool] = []
-
-    @functools.wraps(type(target).forward)
-    def forward(self, *args, **kwargs):
-        self._forge_in_forward = True
-        try:
-            return _forward(self, *args, **kwargs)
-        finally:
-            self._forge_in_forward = False
-
-    def _forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
-        extras = {k: kwargs.pop(k) for k in keys if k in kwargs}
-        # TRL's own fused head (`fused_lm_head=True`) and non-training calls take the original path.
-        head = _plain_head(self.get_output_embeddings())
-        fuse = self._forge_fused and self.training and torch.is_grad_enabled() and not kwargs.get("fused_lm_head")
-        if fuse and head is None and not warned:
-            warned.append(True)
-            warnings.warn("use_fused_lm_head: the LM head is adapted or quantised; using the full logits", stacklevel=2)
-        if self.base_model is not self:
-            _wrap_backbone(self, self.base_model)
-        if not fuse or head is None:
-            if labels is not None:
-                kwargs["labels"] = labels
-            if num_items_in_batch is not None:
-                kwargs["num_items_in_batch"] = num_items_in_batch
-            out = previous(*args, **kwargs)
-            if extras:
-                # An attribute, not a key: the Trainer turns every output key into "logits" in eval.
-                out.loss_extras = extras
-            return out
-
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
+    if kwargs.get("shift_labels") is not None:
+        raise NotImplementedError("forge's loss does not take pre-shifted `shift_labels` (context parallelism) yet")
+    loss_fn = state.loss if state.loss is not None else AdaptiveLoss()
+    head = _plain_head(self.get_output_embeddings())
+    if state.fused and head is None:
+        state.warn_once("head", "use_fused_lm_head: the LM head is adapted or quantised; using the full logits")
+    # TRL asks for per-token fields only, in training and in evaluation: never any logits then.
+    fuse = state.fused and head is not None and (trl_call or (self.training and torch.is_grad_enabled()))
+    if fuse:
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("return_dict", None)
         backbone = self.base_model
         if backbone is self:
             raise TypeError(f"use_fused_lm_head: {type(self).__name__} has no separate decoder (base_model)")
-        hidden = backbone(*args, **kwargs)
-        fused_keys = {
-            "last_hidden_state": hidden.last_hidden_state,
-            "lm_head": head,
-            "logit_softcap": softcap,
-            "logit_scale": scale,
-            "loss_extras": extras,
-        }
-        loss = None
-        if labels is not None:
-            from forge.loss import AdaptiveLoss
+        out = backbone(*args, **kwargs)
+        source = {"last_hidden_state": out.last_hidden_state, "lm_head": head, "logit_softcap": state.softcap,
+                  "logit_scale": state.scale, "loss_extras": extras}
+        aux = _router_aux_loss(self, out, kwargs.get("attention_mask")) if kwargs.get("output_router_logits") else None
+    else:
+        out = previous(*args, **kwargs)
+        source = {"logits": out.logits, "loss_extras": extras}
+        aux = getattr(out, "aux_loss", None)
+    terms = loss_fn.token_losses(source, labels, metrics=trl_call)
+    if trl_call:
+        return _trl_outputs(terms, aux)
+    loss = loss_fn.reduce(terms, num_items_in_batch)
+    if aux is not None:
+        loss = loss + getattr(_text_config(self.config), "router_aux_loss_coef", 0.0) * aux.to(loss.device)
+    if not fuse:
+        # Loss first, as the model's own output puts it (the Trainer reads outputs[0] of tuples).
+        result = type(out)(**{"loss": loss, **{k: v for k, v in out.items() if k != "loss"}})
+        result.loss_extras = extras
+        return result
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=getattr(out, "past_key_values", None),
+        hidden_states=getattr(out, "hidden_states", None),
+        attentions=getattr(out, "attentions", None),
+    )
 
-            loss = (self._forge_loss or AdaptiveLoss())(fused_keys, labels, num_items_in_batch=num_items_in_batch)
-        out = CausalLMOutputWithPast(
-            loss=loss,
-            logits=None,
-            past_key_values=getattr(hidden, "past_key_values", None),
-            hidden_states=getattr(hidden, "hidden_states", None),
-            attentions=getattr(hidden, "attentions", None),
-        )
-        # Keys, not attributes: accelerate's fp32 output conversion rebuilds the output from its keys.
-        for k, v in fused_keys.items():
-            out[k] = v
-        return out
 
-    target._forge_previous_forward = previous
-    target._forge_decoder_cache = None
-    target._forge_in_forward = False
-    target._forge_loss = loss
-    target._forge_fused = fused
+def _install(target: torch.nn.Module, state: _State) -> None:
+    """Put forge's forward over ``target.forward`` (the original one)."""
+    previous = target.forward
+
+    # Keep the original signature: `generate` validates its model kwargs against it, and the
+    # Trainer reads **kwargs from it to pass `num_items_in_batch`.
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, labels=None, num_items_in_batch=None, fused_lm_head=False, **kwargs):
+        head_call = bool(fused_lm_head) or bool(kwargs.pop(HEAD_KEY, False))
+        if not state.active:
+            loss_kwargs = {"labels": labels, "num_items_in_batch": num_items_in_batch}
+            return previous(*args, **{k: v for k, v in loss_kwargs.items() if v is not None}, **kwargs)
+        extras = {k: kwargs.pop(k) for k in state.keys if k in kwargs}
+        state.depth += 1
+        try:
+            if labels is None and not head_call:
+                if num_items_in_batch is not None:
+                    kwargs["num_items_in_batch"] = num_items_in_batch
+                out = previous(*args, **kwargs)
+                if extras:
+                    # An attribute, not a key: the Trainer turns every output key into "logits" in eval.
+                    out.loss_extras = extras
+                return out
+            if labels is None:
+                raise ValueError("a fused-head call (fused_lm_head=True) needs labels")
+            return _loss_forward(self, state, previous, args, kwargs, labels, num_items_in_batch, head_call, extras)
+        finally:
+            state.depth -= 1
+
     target.forward = types.MethodType(forward, target)
-    setattr(target, _PATCH_ATTR, target.forward)
+    state.forward, state.previous = target.forward, previous
+
+
+class _HeadCallsToForge:
+    """The model as a wrapped ``compute_loss`` sees it: ``fused_lm_head=True`` becomes forge's key."""
+
+    def __init__(self, model: torch.nn.Module):
+        object.__setattr__(self, "_model", model)
+
+    def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
+        if fused_lm_head:
+            kwargs[HEAD_KEY] = True
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def route_fused_head(trainer: Any) -> None:
+    """Wrap ``trainer.compute_loss`` (on the instance) so that its fused-head calls reach forge's forward.
+
+    TRL's ``SFTTrainer.compute_loss`` calls ``model(**inputs, fused_lm_head=True)``, which TRL's
+    own fused head (patched over the model's forward) would answer without forge. The wrapper hands
+    ``compute_loss`` the same model under a view that renames that flag, so the call goes through
+    every wrapper (DDP, accelerate's autocast, TRL's head, PEFT) down to forge's forward, which
+    answers it. Nothing else about the call changes; idempotent; harmless on a plain ``Trainer``.
+
+    Example:
+        >>> trainer = SFTTrainer(model=model, args=args, train_dataset=ds)
+        >>> route_fused_head(trainer)    # LossCallback does this when the trainer is built
+    """
+    routed = getattr(trainer.compute_loss, "_forge_routed", False)
+    if routed or getattr(_base_model(trainer.model), "_forge_loss_state", None) is None:
+        return  # done already, or forge's forward is not there to answer
+    original = trainer.compute_loss
+
+    @functools.wraps(original)
+    def compute_loss(model, *args, **kwargs):
+        return original(_HeadCallsToForge(model), *args, **kwargs)
+
+    compute_loss._forge_routed = True
+    trainer.compute_loss = compute_loss
+
+
+def _guard(state: _State):
+    def hook(module, args, kwargs):
+        if state.depth == 0 and module.training and torch.is_grad_enabled():
+            state.warn_once(
+                "bypass",
+                "forge.loss: the decoder ran outside forge's forward while training (another fused LM head, "
+                "such as TRL's, answered the trainer's loss call), so forge's loss is not the one being trained; "
+                "give the trainer loss_fn.callback() (LossCallback), or call route_fused_head(trainer)",
+            )
+
+    return hook
+
+
+def use_fused_lm_head(
+    model: torch.nn.Module,
+    loss: Any = None,
+    *,
+    fused: bool = True,
+    extra_keys: Sequence[str] = EXTRA_KEYS,
+) -> torch.nn.Module:
+    """Patch ``model.forward`` so that a call with ``labels`` returns forge's loss (see the module).
+
+    Calling it again updates the loss and options.
+
+    Args:
+        model: A causal LM (``*ForCausalLM``), plain or PEFT-wrapped.
+        loss: The :class:`~forge.loss.AdaptiveLoss` to compute; None is plain cross-entropy.
+        fused: Apply the LM head chunk by chunk while training (no logits); False keeps the logits
+            (the forward still computes forge's loss and routes the batch keys in ``extra_keys``).
+        extra_keys: Batch keys to take out of the model inputs and hand to the loss.
+
+    Returns:
+        ``model``, patched in place.
+
+    Example:
+        >>> model = use_fused_lm_head(model, AdaptiveLoss(focal(2.0)))
+        >>> model.train()(input_ids=ids, labels=ids).loss.backward()   # no [batch, seq, vocab] logits
+    """
+    target = _base_model(model)
+    state = getattr(target, "_forge_loss_state", None)
+    if state is None:
+        state = _State(loss, fused, tuple(extra_keys), target.config)
+        target._forge_loss_state = state
+        state.had_accepts_loss_kwargs = vars(target).get("accepts_loss_kwargs")
+        # The patched forward takes the Trainer's `num_items_in_batch` whatever the model declares.
+        target.accepts_loss_kwargs = True
+        if target.base_model is not target:
+            state.hook = target.base_model.register_forward_pre_hook(_guard(state), with_kwargs=True)
+    else:
+        state.loss = loss if loss is not None else state.loss
+        state.fused, state.keys = fused, tuple(extra_keys)
+    if state.forward is None:
+        _install(target, state)
     return model
 
 
 def restore_lm_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`use_fused_lm_head` (if a later wrapper patched on top, it stays in place).
+    """Undo :func:`use_fused_lm_head` (a wrapper another library put on top stays in place).
 
     Example:
         >>> model = restore_lm_head(use_fused_lm_head(model))
     """
     target = _base_model(model)
-    patched = getattr(target, _PATCH_ATTR, None)
-    if patched is None:
+    state = getattr(target, "_forge_loss_state", None)
+    if state is None:
         return model
-    if target.forward == patched:
-        target.forward = target._forge_previous_forward
+    if target.forward == state.forward:
+        target.forward = state.previous
         if target.forward == types.MethodType(type(target).forward, target):
             del target.forward
-    setattr(target, _PATCH_ATTR, None)
-    backbone = target.base_model
-    if getattr(backbone, "_forge_reuse", False):
-        del backbone.forward
-        backbone._forge_reuse = False
+    state.active = False  # left under another wrapper (TRL's), it passes every call through
+    if state.hook is not None:
+        state.hook.remove()
+    if state.had_accepts_loss_kwargs is None:
+        vars(target).pop("accepts_loss_kwargs", None)
+    else:
+        target.accepts_loss_kwargs = state.had_accepts_loss_kwargs
+    del target._forge_loss_state
     return model
-
-
-class ExampleWeightCollator:
-    """Wrap a data collator to carry a per-example weight column as per-token ``loss_weights``.
-
-    The weights are expanded along each example's tokens (also for padding-free batches, where the
-    examples are concatenated into one row), aligned with ``labels`` before the causal shift. The
-    patched forward removes the key from the model inputs and hands it to the loss. Keep the column
-    in the dataset: set ``remove_unused_columns=False`` in the training arguments.
-
-    Args:
-        collator: The collator to wrap (e.g. TRL's ``DataCollatorForLanguageModeling``).
-        column: Dataset column holding one float per example.
-        key: Batch key for the weights, read by :func:`~forge.loss.example_weights`.
-
-    Example:
-        >>> collator = ExampleWeightCollator(DataCollatorForLanguageModeling(pad_token_id=0), "weight")
-    """
-
-    def __init__(self, collator: Callable, column: str = "weight", key: str = "loss_weights"):
-        self.collator = collator
-        self.column = column
-        self.key = key
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if examples and self.column not in examples[0]:
-            raise KeyError(
-                f"ExampleWeightCollator: examples have no {self.column!r} column (set remove_unused_columns=False)"
-            )
-        weights = torch.tensor([float(ex[self.column]) for ex in examples])
-        batch = self.collator([{k: v for k, v in ex.items() if k != self.column} for ex in examples])
-        labels = batch["labels"]
-        if labels.shape[0] == len(examples):
-            batch[self.key] = weights[:, None].expand(labels.shape).contiguous()
-        else:  # padding-free: one row holding every example in order
-            lengths = torch.tensor([len(ex["input_ids"]) for ex in examples])
-            row = torch.repeat_interleave(weights, lengths)
-            out = torch.zeros(labels.shape)
-            out[0, : row.numel()] = row[: labels.shape[1]]
-            batch[self.key] = out
-        return batch

@@ -8,7 +8,10 @@ A strategy contributes to the weight ``w_i`` of each predicted token ``i`` in
   gradient with respect to ``logp`` (focal loss does); the fused kernel applies it exactly.
 * from the batch alone, through ``fixed_weights(labels, extras) -> weights`` (``labels`` of shape
   ``[batch, seq]`` before the causal shift, ``extras`` the batch keys the patched forward kept):
-  prompt masking and per-example weights.
+  per-example weights.
+
+Prompt masking is not a weight: :func:`response_only` returns a ``label_mask``, and masked tokens
+leave the loss as ``-100`` labels would (numerator and denominator).
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ class TokenWeighting:
 
     def fixed_weights(self, labels: torch.Tensor, extras: Mapping[str, Any]) -> torch.Tensor | None:
         """Weights from the batch, shape ``labels.shape``; ``None`` leaves them at one."""
+        return None
+
+    def label_mask(self, labels: torch.Tensor, extras: Mapping[str, Any]) -> torch.Tensor | None:
+        """Which labels count at all (bool, shape ``labels.shape``); ``None`` keeps them all.
+
+        Masked labels leave the loss entirely, numerator and denominator, as ``-100`` labels do.
+        """
         return None
 
     @property
@@ -119,7 +129,7 @@ class HardTokens(TokenWeighting):
 
 
 class ResponseOnly(TokenWeighting):
-    """Mask prompt tokens; see :func:`response_only`."""
+    """Prompt masking: tokens outside responses are ignored; see :func:`response_only`."""
 
     def __init__(
         self,
@@ -131,7 +141,7 @@ class ResponseOnly(TokenWeighting):
         self.instruction_template = list(instruction_template) if instruction_template else None
         self.mask_key = mask_key
 
-    def fixed_weights(self, labels, extras):
+    def label_mask(self, labels, extras):
         if self.response_template is None:
             mask = extras.get(self.mask_key)
             if mask is None:
@@ -139,17 +149,39 @@ class ResponseOnly(TokenWeighting):
                     f"response_only: no `response_template` given and the batch has no {self.mask_key!r}; pass "
                     "the template token ids, or keep the mask column and patch the model with use_fused_lm_head()"
                 )
-            return mask.to(labels.device, torch.float32)
-        # Event codes: 1 where a response begins (just after its template), 2 where an instruction
-        # template begins; a token belongs to the response when the latest event before it is a 1.
-        events = _find(labels, self.response_template).roll(len(self.response_template), dims=1)
-        events[:, : len(self.response_template)] = 0
-        if self.instruction_template is not None:
-            events = torch.where(_find(labels, self.instruction_template) > 0, torch.full_like(events, 2), events)
-        pos = torch.arange(labels.shape[1], device=labels.device).expand(labels.shape)
-        last = torch.where(events > 0, pos, torch.full_like(pos, -1)).cummax(dim=1).values
-        code = events.gather(1, last.clamp(min=0))
-        return ((last >= 0) & (code == 1)).float()
+            return mask.to(labels.device).bool()
+        return response_mask(labels, self.response_template, self.instruction_template)
+
+
+def response_mask(
+    tokens: torch.Tensor,
+    response_template: Sequence[int],
+    instruction_template: Sequence[int] | None = None,
+    starts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """True on the tokens of responses: after ``response_template``, until ``instruction_template``.
+
+    ``tokens`` is ``[batch, seq]`` (labels or input ids); ``starts`` marks where a new example
+    begins inside a row (padding-free batches), which also ends a response.
+
+    Example:
+        >>> response_mask(torch.tensor([[5, 7, 8, 1, 2]]), [7, 8]).tolist()
+        [[False, False, False, True, True]]
+    """
+    template = list(response_template)
+    # Event codes: 1 where a response begins (just after its template), 2 where an instruction
+    # template or a new example begins; a token belongs to a response when the latest event before
+    # it is a 1.
+    events = _find(tokens, template).roll(len(template), dims=1)
+    events[:, : len(template)] = 0
+    if instruction_template:
+        events = torch.where(_find(tokens, list(instruction_template)) > 0, torch.full_like(events, 2), events)
+    if starts is not None:
+        events = torch.where(starts.to(tokens.device), torch.full_like(events, 2), events)
+    pos = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+    last = torch.where(events > 0, pos, torch.full_like(pos, -1)).cummax(dim=1).values
+    code = events.gather(1, last.clamp(min=0))
+    return (last >= 0) & (code == 1)
 
 
 def _find(labels: torch.Tensor, template: list[int]) -> torch.Tensor:
@@ -241,10 +273,14 @@ def response_only(
     instruction_template: Sequence[int] | None = None,
     mask_key: str = "completion_mask",
 ) -> ResponseOnly:
-    """Mask prompt tokens: only tokens after ``response_template`` (until ``instruction_template``).
+    """Prompt masking: only tokens after ``response_template`` (until ``instruction_template``) count.
 
-    The templates are token-id sequences searched in the labels, so this works through a plain
-    ``compute_loss_func``. Without a template, a 0/1 mask is read from the batch key ``mask_key``.
+    Masked tokens leave the loss like ``-100`` labels: out of the sum and out of the token count.
+    The templates are token-id sequences searched in the labels. Inside a ``Trainer`` the count
+    (``num_items_in_batch``) is taken from the batch's labels before the loss runs, so mask them
+    in the collator with :class:`~forge.loss.ResponseOnlyCollator` (``from_preset`` does); the
+    loss refuses a template together with the Trainer's count. Without a template, a 0/1 mask is
+    read from the batch key ``mask_key``.
 
     Example:
         >>> loss_fn = AdaptiveLoss(strategy=response_only(response_template=[32001]))

@@ -1,7 +1,8 @@
 """The maths behind :mod:`forge.loss`, apart from any Trainer (as Liger keeps ``ops/``).
 
-``chunked`` is the pure-PyTorch autograd Function that runs on every device; ``functional``
-is its ``F.cross_entropy``-shaped face.
+``chunked`` is the autograd Function (matmuls in PyTorch, on every device); its per-row work runs
+in ``rows`` (PyTorch) or ``triton_rows`` (Triton kernels, CUDA; imported only when chosen).
+``functional`` is its ``F.cross_entropy``-shaped face.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Pure-PyTorch chunked linear + cross-entropy with the gradients computed in the forward pass.
+"""Chunked linear + cross-entropy with the gradients computed in the forward pass.
 
 The ``tokens x vocab`` logits are never materialised. Ignored tokens are dropped first (prompt and
-padding tokens cost nothing), then the remaining tokens are walked in chunks of ``chunk_size`` rows;
-each chunk's logits, ``exp(z - max)``, per-token loss and logits gradient are built in place in one
-preallocated float32 ``chunk x vocab`` buffer (two with soft-capping or entropy), and folded into
-``grad_hidden`` / ``grad_weight`` / ``grad_bias`` before the next chunk overwrites it. With
+padding tokens cost nothing), then the remaining tokens are walked in chunks of ``chunk_size`` rows.
+For each chunk: one matmul writes its raw logits into a preallocated buffer; a *rows backend*
+(:mod:`~forge.loss.ops.rows` in PyTorch, or :mod:`~forge.loss.ops.triton_rows` on CUDA) turns them
+into per-token statistics and then, in place, into the logits gradient; two more matmuls fold that
+into ``grad_hidden`` and ``grad_weight`` before the next chunk overwrites the buffer. With
 ``reduction="sum"`` or ``"mean"`` the backward only multiplies by the incoming scalar gradient.
 ``reduction="none"`` cannot know the per-token output gradients in advance, so it keeps per-token
 statistics and recomputes the chunk logits once in the backward.
@@ -19,11 +20,18 @@ labels)``. ``weight_fn`` may keep a gradient with respect to ``logp_y`` (focal l
 the logits gradient as a vector-Jacobian product, so any differentiable weighting of the label
 log-probability is exact, not only detached ones.
 
+Two rules about the mode a call runs in. Gradient work happens only when ``torch.is_grad_enabled()``
+and an input requires a gradient (evaluation under ``no_grad`` is one statistics pass, no buffers).
+The matmuls run in the autocast dtype when autocast is on for the weight's device (as ``nn.Linear``
+would), else in the weight's dtype; that is read once per call and every dtype inside is explicit.
+Loss, softmax and ``grad_weight`` accumulate in float32 (float64 stays float64).
+
 Private plumbing for :func:`forge.loss.fused_linear_cross_entropy`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,9 +39,12 @@ from typing import Any
 
 import torch
 
+from forge.loss.ops.rows import TorchRows
+
 # Cap on one chunk's float32 logits: 2**25 elements (128 MiB).
 _CHUNK_ELEMENTS = 2**25
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -50,9 +61,11 @@ class CEOptions:
     normalize: bool = False
     clamp_min: float | None = None
     clamp_max: float | None = None
-    # Per-token statistics returned beside the loss (for metrics): each costs a pass per chunk.
+    # Per-token statistics returned beside the loss (for metrics): each costs a little per chunk.
     need_entropy: bool = False
     need_top1: bool = False
+    backend: str = "auto"  # "auto": Triton on CUDA when installed, else PyTorch; or "torch" / "triton"
+    compute_dtype: torch.dtype | None = None  # the matmuls' dtype; None: read from autocast at the call
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
@@ -66,66 +79,84 @@ def default_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> in
     return max(1, min(num_tokens, 2 ** int(math.log2(rows))))
 
 
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's for a float32 weight under autocast, else the weight's."""
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def rows_backend(name: str, device: torch.device) -> Any:
+    """The rows backend for ``name``: ``auto`` takes Triton on CUDA when it is installed."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchRows
+    if importlib.util.find_spec("triton") is None:
+        if name == "triton":
+            raise ImportError("the Triton loss kernel needs triton: pip install 'transformers-forge[triton]'")
+        return TorchRows
+    from forge.loss.ops.triton_rows import TritonRows
+
+    return TritonRows
+
+
 class _Workspace:
     """The chunk buffers of one pass, allocated once and reused by every chunk."""
 
-    def __init__(self, rows: int, weight: torch.Tensor, two: bool):
-        acc = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
-        vocab = weight.shape[0]
-        self.logits = torch.empty(rows, vocab, dtype=acc, device=weight.device)
-        self.extra = torch.empty(rows, vocab, dtype=acc, device=weight.device) if two else None
-        # Half-precision matmuls write a half buffer that is then upcast into ``logits``.
-        self.half = torch.empty(rows, vocab, dtype=weight.dtype, device=weight.device) if acc != weight.dtype else None
+    def __init__(self, rows: int, w_c: torch.Tensor, backend: Any, keep_logits: bool):
+        vocab = w_c.shape[0]
+        self.raw = torch.empty(rows, vocab, dtype=w_c.dtype, device=w_c.device)
+        self.bufs = backend.buffers(rows, vocab, w_c.dtype, w_c.device, keep_logits)
+
+    def logits(self, h_c: torch.Tensor, w_c: torch.Tensor, b_c: torch.Tensor | None) -> torch.Tensor:
+        # `out=` reuses one buffer for every chunk; the dtypes are explicit (autocast is off in here).
+        out = self.raw[: h_c.shape[0]]
+        if b_c is not None:
+            return torch.addmm(b_c, h_c, w_c.t(), out=out)
+        return torch.mm(h_c, w_c.t(), out=out)
 
 
-def _logits_chunk(h, weight, bias, opts: CEOptions, ws: _Workspace) -> torch.Tensor:
-    """``softcap(scale * (h @ weight.T + bias))`` in float32 (or float64), in the workspace."""
-    r = h.shape[0]
-    out = ws.half[:r] if ws.half is not None else ws.logits[:r]
-    if bias is not None:
-        torch.addmm(bias, h, weight.t(), out=out)
-    else:
-        torch.mm(h, weight.t(), out=out)
-    z = ws.logits[:r]
-    if ws.half is not None:
-        z.copy_(out)
-    if opts.logit_scale != 1.0:
-        z.mul_(opts.logit_scale)
-    if opts.logit_softcap is not None:
-        z.div_(opts.logit_softcap).tanh_().mul_(opts.logit_softcap)
-    return z
+class _Grads:
+    """Gradient buffers of one call; float32 accumulation of ``grad_weight`` for half precision.
 
-
-def _chunk_stats(z: torch.Tensor, y: torch.Tensor, opts: CEOptions, e_out: torch.Tensor | None) -> dict[str, Any]:
-    """Per-token lse, logp, base loss (and entropy / top-1) of one chunk, and ``e = exp(z - max)``.
-
-    ``e`` is written over ``z`` unless ``e_out`` is given (soft-capping needs ``z`` again for its
-    derivative, the entropy needs ``sum p * z``). It stays unnormalised: ``1 / sum`` is folded into
-    the gradient coefficients, which saves a full pass over the chunk.
+    ``grad_hidden`` has the full token count: rows of ignored tokens stay zero and the valid rows
+    are written at their positions, so no compacted copy is ever scattered back.
     """
-    out: dict[str, Any] = {}
-    z_y = z.gather(1, y[:, None]).squeeze(1)
-    if opts.need_top1:
-        out["top1"] = z.argmax(dim=1) == y
-    mean_z = z.mean(dim=1) if opts.label_smoothing else None
-    m = z.amax(dim=1, keepdim=True)
-    e = torch.sub(z, m, out=e_out) if e_out is not None else z.sub_(m)
-    e.exp_()
-    s = e.sum(dim=1)
-    lse = m.squeeze(1) + s.log()
-    if opts.need_entropy:
-        # H = lse - sum_j p_j z_j, as a batched dot product: no further chunk-sized buffer.
-        out["entropy"] = lse - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1) / s
-    nll = lse - z_y
-    eps = opts.label_smoothing
-    base = nll if not eps else (1 - eps) * nll + eps * (lse - mean_z)
-    if opts.z_loss:
-        base = base + opts.z_loss * lse.square()
-    out.update(e=e, inv_sum=s.reciprocal(), lse=lse, logp=-nll, base=base)
-    return out
+
+    def __init__(self, hidden, weight, bias, needs, idx, cdt: torch.dtype):
+        acc = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
+        self.idx = idx
+        self.hidden = None
+        if needs[0]:
+            self.hidden = torch.empty_like(hidden) if idx is None else torch.zeros_like(hidden)
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        # Half-precision matmuls cannot accumulate into float32 in place: one product buffer, reused.
+        self.product = None
+        if self.weight is not None and cdt != acc:
+            self.product = torch.empty(weight.shape, dtype=cdt, device=weight.device)
+        self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and needs[2] else None
+
+    def add(self, g: torch.Tensor, g_c: torch.Tensor, h_c: torch.Tensor, w_c: torch.Tensor, rows: slice) -> None:
+        """Fold one chunk's logits gradient ``g`` (``g_c``: the same in the matmul dtype) in."""
+        if self.bias is not None:
+            self.bias.add_(g.sum(dim=0, dtype=self.bias.dtype))
+        if self.hidden is not None:
+            if self.idx is None and self.hidden.dtype == g_c.dtype:
+                torch.mm(g_c, w_c, out=self.hidden[rows])
+            elif self.idx is None:
+                self.hidden[rows].copy_(g_c @ w_c)
+            else:
+                self.hidden.index_copy_(0, self.idx[rows], (g_c @ w_c).to(self.hidden.dtype))
+        if self.weight is not None:
+            if self.product is None:
+                self.weight.addmm_(g_c.t(), h_c)
+            else:
+                self.weight.add_(torch.mm(g_c.t(), h_c, out=self.product))
 
 
-def _weights_and_vjp(weight_fn, fixed, logp, entropy, labels, cotangent, opts: CEOptions):
+def _weights_and_vjp(weight_fn, fixed, logp, entropy, labels, cotangent, opts: CEOptions, need_vjp: bool = True):
     """Token weights ``w`` and ``v = J_w(logp)^T (cotangent * fixed)`` (None when ``w`` has no gradient).
 
     ``cotangent`` is the per-token factor the weight multiplies (``base`` times the output
@@ -135,13 +166,13 @@ def _weights_and_vjp(weight_fn, fixed, logp, entropy, labels, cotangent, opts: C
     v = None
     clamp = opts.clamp_min is not None or opts.clamp_max is not None
     if weight_fn is not None:
-        with torch.enable_grad():
-            u = logp.detach().requires_grad_(True)
+        with torch.enable_grad() if need_vjp else torch.no_grad():
+            u = logp.detach().requires_grad_(need_vjp)
             fw = weight_fn(u, None if entropy is None else entropy.detach(), labels)
             fw = torch.as_tensor(fw, dtype=logp.dtype, device=logp.device).expand_as(logp)
             if clamp:
                 fw = fw.clamp(opts.clamp_min, opts.clamp_max)
-            if fw.requires_grad:
+            if need_vjp and fw.requires_grad:
                 (v,) = torch.autograd.grad(fw, u, grad_outputs=cotangent * w, allow_unused=True)
         w = w * fw.detach()
     elif clamp:
@@ -149,57 +180,17 @@ def _weights_and_vjp(weight_fn, fixed, logp, entropy, labels, cotangent, opts: C
     return w, v
 
 
-def _grad_chunk(st: dict[str, Any], z, y, w, v, opts: CEOptions) -> torch.Tensor:
-    """d(sum_i loss_i)/d(pre-scale logits) of one chunk, written over ``e`` (``p = e / sum``).
-
-    d loss_i / d z_j = p_j (w (1 + 2 zl lse) - v) + [j = y] (v - (1 - eps) w) - eps w / V
-    """
-    eps, zl = opts.label_smoothing, opts.z_loss
-    coef_p = w * (1 + 2 * zl * st["lse"]) if zl else w
-    coef_y = -(1 - eps) * w
+def _coefficients(st: dict, w: torch.Tensor, v: torch.Tensor | None, opts: CEOptions):
+    """``coef_p``, ``coef_y`` of d loss_i / d z_j = p_j coef_p + [j = y] coef_y - eps w / V."""
+    coef_p = w * (1 + 2 * opts.z_loss * st["lse"]) if opts.z_loss else w
+    coef_y = -(1 - opts.label_smoothing) * w
     if v is not None:
         coef_p, coef_y = coef_p - v, coef_y + v
-    g = st["e"].mul_((coef_p * st["inv_sum"])[:, None])
-    g.scatter_add_(1, y[:, None], coef_y[:, None].to(g.dtype))
-    if eps:
-        g.sub_((eps / g.shape[1]) * w[:, None])
-    if opts.logit_softcap is not None:
-        # z = cap * tanh(x / cap)  =>  dz/dx = 1 - (z / cap)^2
-        g.mul_(z.div_(opts.logit_softcap).square_().neg_().add_(1))
-    if opts.logit_scale != 1.0:
-        g.mul_(opts.logit_scale)
-    return g
+    return coef_p, coef_y
 
 
-class _Grads:
-    """Gradient buffers of one call; float32 accumulation for half-precision parameters.
-
-    ``grad_hidden`` has the full token count: rows of ignored tokens stay zero and the valid rows
-    are written at their positions, so no compacted copy is ever scattered back.
-    """
-
-    def __init__(self, hidden, weight, bias, needs: tuple[bool, ...], idx: torch.Tensor | None):
-        acc = torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype
-        self.idx = idx
-        self.hidden = None
-        if needs[0]:
-            self.hidden = torch.empty_like(hidden) if idx is None else torch.zeros_like(hidden)
-        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
-        self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and needs[2] else None
-
-    def add(self, g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rows: slice) -> None:
-        if self.hidden is not None:
-            if self.idx is None:
-                torch.mm(g.to(weight.dtype), weight, out=self.hidden[rows])
-            else:
-                self.hidden.index_copy_(0, self.idx[rows], g.to(weight.dtype) @ weight)
-        if self.weight is not None:
-            self.weight.addmm_(g.t(), h.to(g.dtype))
-        if self.bias is not None:
-            self.bias.add_(g.sum(dim=0))
-
-
-def _run(hidden, weight, bias, labels, idx, opts, *, grads=None, w_all=None, v_all=None, weight_fn=None, fixed=None):
+def _run(hidden, w_c, b_c, labels, idx, opts, backend, *, grads=None, w_all=None, v_all=None, weight_fn=None,
+         fixed=None):
     """Walk the valid tokens in chunks; returns their per-token stats, and fills ``grads`` if given.
 
     ``labels`` (and ``fixed``, ``w_all``, ``v_all``) hold the valid tokens only; ``idx`` gives their
@@ -208,45 +199,37 @@ def _run(hidden, weight, bias, labels, idx, opts, *, grads=None, w_all=None, v_a
     computed per chunk from ``weight_fn`` and ``fixed``.
     """
     n = labels.shape[0]
+    acc_dtype = torch.float32 if w_c.dtype in _LOW_PRECISION else w_c.dtype
     if n == 0:  # every label ignored
-        empty = hidden.new_zeros(0, dtype=torch.float32 if weight.dtype in _LOW_PRECISION else weight.dtype)
-        return {
-            "logp": empty,
-            "lse": empty,
-            "base": empty,
-            "w": empty,
-            "entropy": empty,
-            "top1": torch.zeros(0, dtype=torch.bool, device=hidden.device),
-        }
-    chunk = min(opts.chunk_size or default_chunk_size(n, weight.shape[0], weight.shape[1]), n)
+        empty = hidden.new_zeros(0, dtype=acc_dtype)
+        top1 = torch.zeros(0, dtype=torch.bool, device=hidden.device)
+        return {"logp": empty, "lse": empty, "base": empty, "w": empty, "entropy": empty, "top1": top1}
+    chunk = min(opts.chunk_size or default_chunk_size(n, w_c.shape[0], w_c.shape[1]), n)
     keep = opts.need_entropy or (grads is not None and opts.logit_softcap is not None)
-    ws = _Workspace(chunk, weight, two=keep)
+    ws = _Workspace(chunk, w_c, backend, keep_logits=keep)
     acc: dict[str, list[torch.Tensor]] = {}
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         # Gathering each chunk's rows avoids a compacted copy of the whole hidden input.
         h = hidden[rows] if idx is None else hidden.index_select(0, idx[rows])
+        h_c = h.to(w_c.dtype)
         y = labels[rows]
-        z = _logits_chunk(h, weight, bias, opts, ws)
-        st = _chunk_stats(z, y, opts, ws.extra[: h.shape[0]] if keep else None)
+        raw = ws.logits(h_c, w_c, b_c)
+        st = backend.stats(raw, y, opts, ws.bufs)
         if grads is not None:
             if w_all is None:
-                w, v = _weights_and_vjp(
-                    weight_fn,
-                    None if fixed is None else fixed[rows],
-                    st["logp"],
-                    st.get("entropy"),
-                    y,
-                    st["base"],
-                    opts,
-                )
+                part = None if fixed is None else fixed[rows]
+                w, v = _weights_and_vjp(weight_fn, part, st["logp"], st.get("entropy"), y, st["base"], opts)
             else:
                 w, v = w_all[rows], None if v_all is None else v_all[rows]
-            grads.add(_grad_chunk(st, z if keep else None, y, w, v, opts), h, weight, rows)
+            coef_p, coef_y = _coefficients(st, w, v, opts)
+            g = backend.grad(raw, y, st, coef_p, coef_y, w, opts)
+            g_c = g if g.dtype == w_c.dtype else raw.copy_(g)  # the raw logits are no longer needed
+            grads.add(g, g_c, h_c, w_c, rows)
             st["w"] = w
-        del st["e"], st["inv_sum"]
         for k, t in st.items():
-            acc.setdefault(k, []).append(t)
+            if not k.startswith("_"):
+                acc.setdefault(k, []).append(t)
     return {k: torch.cat(t) for k, t in acc.items()}
 
 
@@ -257,92 +240,114 @@ def _scatter(x: torch.Tensor, idx: torch.Tensor | None, n: int) -> torch.Tensor:
     return x.new_zeros((n, *x.shape[1:])).index_copy_(0, idx, x)
 
 
+def _cast(weight, bias, cdt):
+    return weight.to(cdt), None if bias is None else bias.to(cdt)
+
+
+def _forward(hidden, weight, bias, labels, token_weights, weight_fn, opts: CEOptions, needs) -> tuple[tuple, dict]:
+    """The whole forward: its six outputs, and what a backward needs (``grads`` for sum/mean)."""
+    n = labels.shape[0]
+    idx = (labels != opts.ignore_index).nonzero().squeeze(1)
+    # Drop ignored tokens once (a host sync for the count): they cost no matmul afterwards.
+    if idx.numel() == n:
+        idx = None
+    else:
+        labels = labels.index_select(0, idx)
+        token_weights = None if token_weights is None else token_weights.index_select(0, idx)
+    n_valid = labels.shape[0]
+    full_batch = weight_fn is not None and not getattr(weight_fn, "elementwise", True)
+    run = replace(opts, need_entropy=opts.need_entropy or bool(getattr(weight_fn, "needs_entropy", False)))
+    backend = rows_backend(opts.backend, weight.device)
+    w_c, b_c = _cast(weight, bias, opts.compute_dtype)
+    grads = None
+    if any(needs) and opts.reduction != "none":
+        grads = _Grads(hidden, weight, bias, needs, idx, opts.compute_dtype)
+    with torch.autocast(weight.device.type, enabled=False):
+        if grads is None or full_batch:
+            # Statistics first: for per-token outputs, for weights that look at the whole batch (top
+            # fraction, user callables), and as the whole job when no gradient is wanted.
+            st = _run(hidden, w_c, b_c, labels, idx, run, backend)
+            w, v = _weights_and_vjp(weight_fn, token_weights, st["logp"], st.get("entropy"), labels, st["base"], run,
+                                    need_vjp=grads is not None)
+            if grads is not None:
+                st.update(_run(hidden, w_c, b_c, labels, idx, run, backend, grads=grads, w_all=w, v_all=v))
+        else:
+            st = _run(hidden, w_c, b_c, labels, idx, run, backend, grads=grads, weight_fn=weight_fn,
+                      fixed=token_weights)
+            w = st["w"]
+    del w_c, b_c
+    # Normalising to mean weight one is a constant factor, so it is applied after the passes.
+    norm = torch.ones((), dtype=st["base"].dtype, device=st["base"].device)
+    if opts.normalize and n_valid:
+        norm = n_valid / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+    per_token = w * st["base"]
+    token_loss = _scatter(per_token * norm, idx, n)
+    scale = norm / max(n_valid, 1) if opts.reduction == "mean" else norm
+    loss = token_loss if opts.reduction == "none" else per_token.sum() * scale
+    empty = loss.new_empty(0)
+    outputs = (
+        loss,
+        token_loss.clone() if opts.reduction == "none" else token_loss,
+        _scatter(st["logp"], idx, n),
+        _scatter(st["entropy"], idx, n) if opts.need_entropy else empty,
+        _scatter(st["top1"], idx, n) if opts.need_top1 else empty,
+        _scatter(w * norm, idx, n),
+    )
+    state = {"grads": grads, "idx": idx, "labels": labels, "scale": scale, "st": st, "w": w,
+             "token_weights": token_weights, "run": run}
+    return outputs, state
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """autograd.Function behind :func:`forge.loss.fused_linear_cross_entropy`.
 
-    Returns ``(loss, logp, entropy, top1, weights)``, per-token values zero at ignored tokens; only
-    ``loss`` is differentiable. ``entropy`` and ``top1`` are empty unless requested in the options.
+    Returns ``(loss, token_loss, logp, entropy, top1, weights)``: per-token values are zero at
+    ignored tokens (``token_loss`` holds each token's weighted term, before a ``"mean"`` division);
+    only ``loss`` is differentiable. ``entropy`` and ``top1`` are empty unless requested.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, token_weights, weight_fn, opts: CEOptions):
-        n = labels.shape[0]
-        valid = labels != opts.ignore_index
-        idx = valid.nonzero().squeeze(1)
-        # Drop ignored tokens once (a host sync for the count): they cost no matmul afterwards.
-        if idx.numel() == n:
-            idx = None
-        else:
-            labels = labels.index_select(0, idx)
-            token_weights = None if token_weights is None else token_weights.index_select(0, idx)
-        n_valid = labels.shape[0]
-        full_batch = weight_fn is not None and not getattr(weight_fn, "elementwise", True)
-        run = replace(opts, need_entropy=opts.need_entropy or bool(getattr(weight_fn, "needs_entropy", False)))
         needs = ctx.needs_input_grad[:3]
-
-        st, w, v = None, None, None
-        if opts.reduction == "none" or full_batch:
-            # Weights that look at the whole batch (top fraction, user callables) need every token's
-            # statistics first: one extra logits matmul per chunk, still chunk-sized memory.
-            st = _run(hidden, weight, bias, labels, idx, run)
-            w, v = _weights_and_vjp(weight_fn, token_weights, st["logp"], st.get("entropy"), labels, st["base"], run)
-        if opts.reduction != "none":
-            grads = _Grads(hidden, weight, bias, needs, idx)
-            if full_batch:
-                st.update(_run(hidden, weight, bias, labels, idx, run, grads=grads, w_all=w, v_all=v))
-            else:
-                st = _run(hidden, weight, bias, labels, idx, run, grads=grads, weight_fn=weight_fn, fixed=token_weights)
-            w = st["w"]
-        # Normalising to mean weight one is a constant factor, so it is applied after the passes.
-        scale = torch.ones((), dtype=st["base"].dtype, device=st["base"].device)
-        if opts.normalize and n_valid:
-            scale = n_valid / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
-        out_w = w * scale
-        per_token = w * st["base"]
+        outputs, state = _forward(hidden, weight, bias, labels, token_weights, weight_fn, opts, needs)
+        ctx.reduction, ctx.n = opts.reduction, labels.shape[0]
         if opts.reduction == "none":
-            loss = _scatter(per_token * scale, idx, n)
-            ctx.save_for_backward(
-                hidden, weight, bias, labels, idx, st["logp"], st["base"], w, scale, st.get("entropy"), token_weights
-            )
-            ctx.weight_fn, ctx.opts, ctx.n = weight_fn, run, n
+            st = state["st"]
+            ctx.save_for_backward(hidden, weight, bias, state["labels"], state["idx"], st["logp"], st["base"],
+                                  state["w"], state["scale"], st.get("entropy"), state["token_weights"])
+            ctx.weight_fn, ctx.opts = weight_fn, state["run"]
         else:
-            if opts.reduction == "mean":
-                scale = scale / max(n_valid, 1)
-            loss = per_token.sum() * scale
-            ctx.grads = (grads.hidden, grads.weight, grads.bias)
-            ctx.save_for_backward(scale, idx)
-            ctx.dtypes, ctx.n = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype), n
-        ctx.reduction = opts.reduction
-        empty = loss.new_empty(0)
-        extras = (
-            _scatter(st["logp"], idx, n),
-            _scatter(st["entropy"], idx, n) if opts.need_entropy else empty,
-            _scatter(st["top1"], idx, n) if opts.need_top1 else empty,
-            _scatter(out_w, idx, n),
-        )
-        ctx.mark_non_differentiable(*extras)
-        return (loss, *extras)
+            g = state["grads"]
+            ctx.grads = None if g is None else (g.hidden, g.weight, g.bias)
+            ctx.save_for_backward(state["scale"])
+            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if ctx.reduction != "none":
             if ctx.grads is None:
                 raise RuntimeError("fused_linear_cross_entropy: backward through the same call twice is not supported")
-            scale, idx = ctx.saved_tensors
+            (scale,) = ctx.saved_tensors
             factor = grad_loss * scale
             # In place: a scaled copy of grad_weight would add a vocab x hidden buffer to the peak.
             gh, gw, gb = (None if g is None else g.mul_(factor).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes))
             ctx.grads = None
             return gh, gw, gb, None, None, None, None
         hidden, weight, bias, labels, idx, logp, base, w, scale, entropy, fixed = ctx.saved_tensors
+        opts = ctx.opts
         go = grad_loss if idx is None else grad_loss.index_select(0, idx)
-        go = go * scale
+        go = go.to(base.dtype) * scale
         # Exact vector-Jacobian product of the weighting for the actual per-token output gradients.
         # The weights were recorded (for the trackers) when the forward computed them.
         weight_fn = getattr(ctx.weight_fn, "unrecorded", ctx.weight_fn)
-        _, v = _weights_and_vjp(weight_fn, fixed, logp, entropy, labels, base * go, ctx.opts)
-        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], idx)
-        _run(hidden, weight, bias, labels, idx, ctx.opts, grads=grads, w_all=w * go, v_all=v)
+        _, v = _weights_and_vjp(weight_fn, fixed, logp, entropy, labels, base * go, opts)
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3], idx, opts.compute_dtype)
+        w_c, b_c = _cast(weight, bias, opts.compute_dtype)
+        with torch.autocast(weight.device.type, enabled=False):
+            _run(hidden, w_c, b_c, labels, idx, opts, rows_backend(opts.backend, weight.device), grads=grads,
+                 w_all=w * go, v_all=v)
         return (
             grads.hidden,
             None if grads.weight is None else grads.weight.to(weight.dtype),
@@ -365,9 +370,12 @@ def chunked_linear_cross_entropy(
 ) -> tuple[torch.Tensor, ...]:
     """Apply :class:`ChunkedLinearCrossEntropy` to 2-D ``hidden`` and 1-D ``labels``.
 
+    Without gradient mode, or when no input requires a gradient, it runs the statistics pass alone
+    (no gradient buffers, no autograd node).
+
     Example:
         >>> h, W = torch.randn(10, 8), torch.randn(32, 8)
-        >>> loss, logp, *_ = chunked_linear_cross_entropy(h, W, torch.randint(0, 32, (10,)))
+        >>> loss, token_loss, logp, *_ = chunked_linear_cross_entropy(h, W, torch.randint(0, 32, (10,)))
     """
     opts = opts or CEOptions()
     if opts.reduction not in ("mean", "sum", "none"):
@@ -376,4 +384,10 @@ def chunked_linear_cross_entropy(
         raise ValueError(f"chunk_size must be positive, got {opts.chunk_size}")
     if opts.logit_softcap is not None and not (opts.logit_softcap > 0 and math.isfinite(opts.logit_softcap)):
         raise ValueError(f"logit_softcap must be a positive number, got {opts.logit_softcap}")
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, weight_fn, opts)
+    if opts.compute_dtype is None:
+        opts = replace(opts, compute_dtype=compute_dtype(weight))
+    wants_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if torch.is_grad_enabled() and wants_grad:
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, weight_fn, opts)
+    with torch.no_grad():
+        return _forward(hidden, weight, bias, labels, token_weights, weight_fn, opts, (False, False, False))[0]

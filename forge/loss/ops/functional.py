@@ -25,6 +25,7 @@ def fused_linear_cross_entropy(
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
 
@@ -32,7 +33,9 @@ def fused_linear_cross_entropy(
     on ``logits = softcap(logit_scale * (hidden @ weight.T + bias))``, plus ``z_loss * logsumexp^2`` per
     valid token, each token's term multiplied by ``token_weights``. ``"mean"`` divides by the number
     of non-ignored tokens (not by the weight sum). Gradients for ``hidden``, ``weight`` and ``bias`` are
-    computed chunk by chunk in the forward pass and scaled in the backward.
+    computed chunk by chunk in the forward pass and scaled in the backward; under ``torch.no_grad()``
+(or when no input requires a gradient) only the loss is computed. Under autocast the matmuls run
+in the autocast dtype, as ``nn.Linear`` would.
 
     Args:
         hidden: ``[..., hidden_size]`` inputs of the LM head (any leading shape).
@@ -46,7 +49,9 @@ def fused_linear_cross_entropy(
         z_loss: Coefficient of the ``logsumexp(logits)^2`` regulariser (PaLM uses 1e-4).
         logit_softcap: ``c * tanh(logits / c)`` soft-capping (Gemma 2), None for none.
         logit_scale: Multiplier applied to the logits before soft-capping.
-        chunk_size: Tokens per chunk; None picks one that keeps a chunk's logits near 32 MiB.
+        chunk_size: Tokens per chunk; None picks at most ``hidden_size / 2`` rows and 2**25 logits.
+        backend: Per-row kernels: ``"auto"`` (Triton on CUDA when ``triton`` is installed, else
+            PyTorch), ``"torch"`` or ``"triton"``.
 
     Returns:
         The loss: a scalar, or per-token values for ``reduction="none"``.
@@ -66,6 +71,7 @@ def fused_linear_cross_entropy(
         logit_softcap=logit_softcap,
         logit_scale=logit_scale,
         chunk_size=chunk_size,
+        backend=backend,
     )
     tw = None if token_weights is None else token_weights.reshape(-1)
     loss = chunked_linear_cross_entropy(
