@@ -5,6 +5,8 @@
     forge report RUN_DIR
     forge presets list
     forge presets show NAME [--set KEY=VALUE ...]
+    forge models list
+    forge models fetch NAME
 
 Mistakes a user can make (a bad preset, a missing file, a bad data row) print one line each
 on stderr and exit with code 2; nothing in an existing output directory is overwritten
@@ -26,7 +28,7 @@ from forge.errors import ForgeError
 
 EXIT_USAGE = 2
 # Command modules, in the order `forge --help` lists them.
-COMMAND_MODULES = ("forge.cli.train", "forge.cli.report", "forge.cli.presets")
+COMMAND_MODULES = ("forge.cli.train", "forge.cli.report", "forge.cli.presets", "forge.cli.models")
 
 
 def build_parser() -> argparse.ArgumentParser:

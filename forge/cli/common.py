@@ -15,7 +15,8 @@ def add_preset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset value, e.g. --set training.learning_rate=1e-4 "
                         "(repeatable; values are read as YAML)")
-    parser.add_argument("--model", help="model name or local path (sets model.name_or_path)")
+    parser.add_argument("--model", help="model name, local path, builtin:NAME (see `forge models list`) "
+                        "or a .gguf file (sets model.name_or_path, and model.gguf_file for a .gguf)")
     parser.add_argument("--data", help="data file or directory (sets data.path)")
     parser.add_argument("--output-dir", help="where to save (sets training.output_dir)")
     parser.add_argument("--max-steps", type=int, help="stop after N steps (sets training.max_steps)")
@@ -23,14 +24,14 @@ def add_preset_options(parser: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """Every ``--set`` and shortcut as ``(dotted key, value)``, in command-line order."""
-    from forge.config.loader import SHORTCUTS, parse_override
+    from forge.config.loader import SHORTCUTS, parse_override, shortcut_overrides
 
     items = [parse_override(o) for o in args.overrides]
-    for option, key in SHORTCUTS.items():
+    for option in SHORTCUTS:
         value = getattr(args, option, None)
         if value is not None:
             # Shortcut values are taken literally, never parsed as YAML.
-            items.append((key, value))
+            items.extend(shortcut_overrides(option, value))
     return items
 
 

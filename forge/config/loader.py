@@ -36,6 +36,23 @@ SHORTCUTS = {
 }
 
 
+def shortcut_overrides(option: str, value: Any) -> list[tuple[str, Any]]:
+    """The preset keys one shortcut sets. ``--model`` names a whole checkpoint: a path ending
+    in ``.gguf`` sets ``model.name_or_path`` (its folder) and ``model.gguf_file`` (its name);
+    any other value clears a ``gguf_file`` the preset had, which would not be in that model.
+
+    Example:
+        >>> shortcut_overrides("model", "/models/smol/model.Q4_1.gguf")
+        [('model.name_or_path', '/models/smol'), ('model.gguf_file', 'model.Q4_1.gguf')]
+    """
+    if option != "model":
+        return [(SHORTCUTS[option], value)]
+    path = Path(str(value)).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return [("model.name_or_path", str(path.parent)), ("model.gguf_file", path.name)]
+    return [("model.name_or_path", value), ("model.gguf_file", None)]
+
+
 def presets_dir() -> Path:
     """The folder holding the shipped presets (inside the installed package)."""
     return Path(__file__).parent / "presets"
@@ -350,4 +367,4 @@ def load_preset(
 
 
 __all__ = ["ConfigError", "Preset", "list_presets", "load_preset", "parse_override",
-           "presets_dir", "SHORTCUTS"]
+           "presets_dir", "shortcut_overrides", "SHORTCUTS"]

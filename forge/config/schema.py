@@ -37,7 +37,14 @@ class ModelConfig:
     name_or_path: str = field(
         default="builtin:tiny-llama",
         metadata={"help": "Hub name or local directory of the model; `builtin:tiny-llama` is "
-                  "forge's bundled random-initialised demo model (works offline)."},
+                  "forge's bundled random-initialised demo model (works offline), "
+                  "`builtin:smollm2-135m` a real one once `forge models fetch smollm2-135m` ran."},
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF checkpoint (llama.cpp's one-file format) in name_or_path, by "
+                  "file name: loaded dequantized to a float model, with its tokenizer. Needs "
+                  "`pip install 'transformers-forge[gguf]'`; `--model dir/x.gguf` sets both keys."},
     )
     dtype: str = field(
         default="auto",

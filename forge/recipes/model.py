@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from forge.config.schema import ModelConfig
-from forge.demo import BUILTIN_PREFIX, CHAT_TEMPLATE, builtin_model_dir
+from forge.demo import BUILTIN_PREFIX, CHAT_TEMPLATE
 from forge.errors import ForgeError
+from forge.models import check_gguf_file, load_gguf_model, model_dir, split_gguf_path
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +25,24 @@ FALLBACK_CHAT_TEMPLATE = CHAT_TEMPLATE
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``builtin:tiny-llama`` -> its local directory; anything else is returned unchanged."""
+    """``builtin:tiny-llama`` (or a fetched ``builtin:smollm2-135m``) -> its local directory;
+    anything else is returned unchanged."""
     if name_or_path.startswith(BUILTIN_PREFIX):
-        return str(builtin_model_dir(name_or_path[len(BUILTIN_PREFIX):]))
+        return str(model_dir(name_or_path[len(BUILTIN_PREFIX):]))
     return name_or_path
+
+
+def gguf_location(model: ModelConfig, name_or_path: str | None = None) -> tuple[str, str | None]:
+    """``(directory, GGUF file name or None)`` of the checkpoint a ``model:`` section names,
+    checked (gguf installed, the file there, no bitsandbytes quantization on top) when a GGUF."""
+    directory, gguf_file = split_gguf_path(resolve_model_path(name_or_path or model.name_or_path),
+                                           model.gguf_file if name_or_path is None else None)
+    if gguf_file is not None:
+        if model.quantization:
+            raise ForgeError("model.quantization cannot be combined with a GGUF checkpoint "
+                             "(model.gguf_file): it is loaded dequantized, to float")
+        check_gguf_file(directory, gguf_file)
+    return directory, gguf_file
 
 
 def _load_error(what: str, name: str, err: Exception) -> ForgeError:
@@ -47,10 +62,12 @@ def load_tokenizer(model: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     name = model.tokenizer or model.name_or_path
-    path = resolve_model_path(name)
+    # A GGUF file carries its tokenizer; a separate `tokenizer:` is an ordinary one.
+    path, gguf_file = gguf_location(model) if not model.tokenizer else (resolve_model_path(name), None)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(
-            path, revision=model.revision, trust_remote_code=model.trust_remote_code
+            path, revision=model.revision, trust_remote_code=model.trust_remote_code, **extra
         )
     except (OSError, ValueError) as err:
         raise _load_error("tokenizer" if model.tokenizer else "model", name, err) from None
@@ -67,11 +84,13 @@ def model_max_positions(model: ModelConfig) -> int | None:
     None when the config does not say or cannot be read here."""
     from transformers import AutoConfig
 
-    name = adapter_base(model.name_or_path) or model.name_or_path
+    base = adapter_base(model.name_or_path)
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name), revision=model.revision,
-                                            trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError):
+        path, gguf_file = gguf_location(model, base)
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        config = AutoConfig.from_pretrained(path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code, **extra)
+    except (OSError, ValueError, ForgeError):
         return None  # load_model reports the real problem
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text, "max_position_embeddings", None)
@@ -108,7 +127,7 @@ def load_model(
     adapter = adapter_base(model.name_or_path)
     if adapter is not None:
         return _load_from_adapter(model, adapter, quantization_config, peft_config)
-    lm = _load_base(model, resolve_model_path(model.name_or_path), quantization_config)
+    lm = _load_base(model, None, quantization_config)
     if peft_config is None:
         return lm
     from peft import get_peft_model
@@ -116,9 +135,14 @@ def load_model(
     return get_peft_model(_prepare_kbit(lm, quantization_config), peft_config)
 
 
-def _load_base(model: ModelConfig, path: str, quantization_config: Any) -> Any:
+def _load_base(model: ModelConfig, name: str | None, quantization_config: Any) -> Any:
+    """The base model: ``model.name_or_path`` (``name`` None) or an adapter's base ``name``."""
     from transformers import AutoModelForCausalLM
 
+    path, gguf_file = gguf_location(model, name)
+    if gguf_file is not None:
+        return load_gguf_model(path, gguf_file, dtype=_torch_dtype(model.dtype),
+                               attn_implementation=model.attn_implementation, revision=model.revision)
     if quantization_config is not None:
         try:
             import bitsandbytes  # noqa: F401
