@@ -16,7 +16,7 @@ RUN_FILES = ("trainer_state.json", "monitor_summary.json", "autotune.json", "all
              "train_results.json", "eval_results.json", "training_args.bin", "config.json",
              "generation_config.json", "model.safetensors", "model.safetensors.index.json",
              "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE)
-RUN_DIRS = ("report", "runs")
+RUN_DIRS = ("report", "runs", "adapter_init")
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> None:
