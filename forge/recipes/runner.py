@@ -30,6 +30,7 @@ from forge.recipes.checkpoints import is_complete, last_complete_checkpoint, wri
 from forge.recipes.mixing import load_datasets as _load_data
 from forge.recipes.model import adapter_base, load_model, load_tokenizer, model_max_positions
 from forge.recipes.output import check_output_dir, clear_previous_run, write_preset_file
+from forge.recipes.packing import packing_note
 from forge.recipes.phases import Run, RunConfig
 
 
@@ -79,6 +80,8 @@ def _build(config: RunConfig, resume: bool | str) -> Any:
     train_ds, eval_ds = load_datasets(config)
     tokenizer = load_tokenizer(config.model)
     _cap_max_length(args, config)
+    if config.method == "sft" and packing_note(args):
+        note(packing_note(args))
     base = adapter_base(config.model.name_or_path)
     if base is not None:
         note(_adapter_note(config, base))
