@@ -123,7 +123,7 @@ def test_qlora_lean_uses_paged_8bit_adamw_and_checkpointing(train_cli):
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     # transformers builds paged_adamw_8bit as bitsandbytes' AdamW(optim_bits=8, is_paged=True).
     assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.is_paged and optimizer.args.optim_bits == 8
-    assert trainer.args.gradient_checkpointing and trainer.model.is_gradient_checkpointing
+    assert trainer.args.gradient_checkpointing and trainer.model.is_activation_checkpointing
     assert trainer.args.per_device_train_batch_size == 4  # TINY's --set wins over the preset's 1
     assert load_preset("qlora-lean").config["training"]["per_device_train_batch_size"] == 1
 
@@ -168,6 +168,6 @@ def test_every_method_has_a_trainer_and_refuses_nothing_for_sft():
 
 def test_preference_data_is_refused_by_sft_and_chats_by_preference_methods(tmp_path, capsys):
     assert cli.main(["train", "lora", "--data", "builtin:demo-dpo", "--output-dir", str(tmp_path / "a")]) == 2
-    assert "preference data is for preference methods (dpo, orpo, cpo, kto), not sft" in capsys.readouterr().err
+    assert "chosen/rejected data is for method dpo, not sft (or orpo, cpo, kto)" in capsys.readouterr().err
     assert cli.main(["train", "orpo", "--data", "builtin:demo-sft", "--output-dir", str(tmp_path / "b")]) == 2
     assert "method orpo needs prompt/chosen/rejected (or chosen/rejected) columns" in capsys.readouterr().err

@@ -78,7 +78,8 @@ class DataConfig:
     path: str = field(
         default="builtin:demo-sft",
         metadata={"help": "A .jsonl/.json/.csv/.parquet file or a directory saved by "
-                  "`datasets`; `builtin:demo-sft` / `builtin:demo-dpo` are forge's demo sets."},
+                  "`datasets`; `builtin:demo-sft` / `builtin:demo-dpo` / `builtin:demo-text` are "
+                  "forge's demo sets."},
     )
     format: str | None = field(
         default=None,
@@ -100,7 +101,8 @@ class DataConfig:
                   "(seeded by training.seed)."},
     )
     max_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training rows (quick trials)."}
+        default=None, metadata={"help": "Use only the first N training rows (quick trials; with "
+                                "sources, of the mixed set)."}
     )
     max_length: int | None = field(
         default=1024,

@@ -21,7 +21,7 @@ from typing import Any
 
 @dataclass
 class SourceConfig:
-    """One item of ``data.sources``: a file (or saved dataset, or Hub name) and how to mix it."""
+    """Each item of ``data.sources``: a file (or saved dataset, or Hub name) and how to mix it in."""
 
     path: str = field(metadata={"help": "A data file, saved dataset directory, Hub name or builtin:."})
     format: str | None = field(

@@ -360,8 +360,10 @@ def _check_method_takes(method: str, fmt: str, source: str, columns: list[str]) 
     if fmt in FORMATS_BY_KIND[kind]:
         return
     if kind == "lm":
-        raise ForgeError(f"{source}: {fmt.replace('_', ' ')} data is for preference methods "
-                         f"(dpo, orpo, cpo, kto), not {method}")
+        if fmt == "unpaired_preference":
+            raise ForgeError(f"{source}: prompt/completion/label data is for method kto, not {method}")
+        raise ForgeError(f"{source}: chosen/rejected data is for method dpo, not {method} "
+                         "(or orpo, cpo, kto)")
     wanted = "prompt/chosen/rejected (or chosen/rejected)" + (
         " or prompt/completion/label" if kind == "unpaired" else "")
     raise ForgeError(f"{source}: method {method} needs {wanted} columns, found format '{fmt}' "
