@@ -17,6 +17,14 @@ TINY = ["--model", "builtin:tiny-llama", "--max-steps", "2", "--set", "data.max_
         "--set", "data.max_length=48", "--set", "training.per_device_train_batch_size=4",
         "--set", "training.gradient_accumulation_steps=1", "--set", "training.logging_steps=1"]
 NEW = ["orpo", "simpo", "kto", "cpt", "dora", "rslora", "pissa", "qlora-lean"]
+# The new methods train beside forge's callbacks too: EMA and the gradient monitor.
+WITH_FEATURES = ["--set", "ema={enabled: true, decay: 0.5}", "--set", "monitor={enabled: true, log_every: 1}"]
+
+
+def assert_features_reported(result):
+    logged = [h for h in result.log_history if "loss" in h]
+    assert logged and all("forge/ema/decay" in h for h in logged)
+    assert all(h["forge/grad_norm_preclip"] > 0 and h["forge/skipped_steps"] == 0 for h in logged)
 
 
 @pytest.fixture
@@ -55,8 +63,9 @@ def test_experimental_trainers_come_from_trl_experimental_and_are_said_so(train_
     assert trainer_class("orpo").__module__.startswith("trl.experimental.orpo")
     assert trainer_class("cpo").__module__.startswith("trl.experimental.cpo")
     assert trainer_class("kto").__module__.startswith("trl.trainer")  # promoted to the stable API
-    result = train_cli("orpo")
+    result = train_cli("orpo", *WITH_FEATURES)
     assert type(result.trainer).__name__ == "ORPOTrainer"
+    assert_features_reported(result)
     out = capsys.readouterr().out
     assert out.count("forge: method orpo: TRL's ORPOTrainer from trl.experimental.orpo") == 1
     losses = [h["loss"] for h in result.log_history if "loss" in h]
@@ -65,8 +74,9 @@ def test_experimental_trainers_come_from_trl_experimental_and_are_said_so(train_
 
 
 def test_simpo_is_cpo_with_the_simpo_loss_and_no_bc_term(train_cli):
-    result = train_cli("simpo")
+    result = train_cli("simpo", *WITH_FEATURES)
     assert type(result.trainer).__name__ == "CPOTrainer"
+    assert_features_reported(result)
     args = result.trainer.args
     assert args.loss_type == "simpo" and args.cpo_alpha == 0.0 and args.beta == 2.0
     assert [h for h in result.log_history if "loss" in h]
@@ -77,8 +87,9 @@ def test_kto_trains_on_unpaired_rows_and_on_pairs_made_unpaired(train_cli, tmp_p
     rows = [{"prompt": f"What is {i} plus 1?", "completion": f"{i} plus 1 is {i + (1 if i % 3 else 2)}.",
              "label": bool(i % 3)} for i in range(12)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = train_cli("kto", "--data", str(data))
+    result = train_cli("kto", "--data", str(data), *WITH_FEATURES)
     assert type(result.trainer).__name__ == "KTOTrainer"
+    assert_features_reported(result)
     assert sorted(result.trainer.train_dataset["label"]) == sorted(r["label"] for r in rows[:8])
     from forge.recipes.data import load_examples
 
@@ -90,7 +101,8 @@ def test_kto_trains_on_unpaired_rows_and_on_pairs_made_unpaired(train_cli, tmp_p
 
 
 def test_cpt_packs_raw_text_and_splits_long_documents_without_losing_tokens(train_cli):
-    result = train_cli("cpt")
+    result = train_cli("cpt", *WITH_FEATURES, "--set", "loss={strategy: focal}")  # packed + fused loss
+    assert_features_reported(result)
     trainer = result.trainer
     assert trainer.padding_free and trainer.args.packing_strategy == "bfd_split"
     tok = trainer.processing_class
