@@ -130,6 +130,7 @@ def test_no_module_relabelling():
     "EMAWeights", "EMACallback", "find_layers", "freeze_layers", "LISACallback", "layerwise_lr_groups",
     "suggest_freeze", "fused_linear_cross_entropy", "AdaptiveLoss", "GradientMonitor", "MonitorConfig",
     "autotune_batch_size", "autotune_preset", "ForgeTensorBoardCallback", "write_report", "ForgeError",
+    "merge_run", "generate_run", "evaluate_run",
 ])
 def test_public_names_import_from_forge(name):
     import forge

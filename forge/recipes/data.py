@@ -185,8 +185,8 @@ def detect_format(columns: list[str], method: str) -> str:
         return "preference" if "prompt" in cols else "implicit_preference"
     if "messages" in cols:
         return "messages"
-    if {"prompt", "completion", "label"} <= cols:
-        return "unpaired_preference"
+    if {"prompt", "completion", "label"} <= cols and _kind(method) == "unpaired":
+        return "unpaired_preference"  # for SFT a `label` column stays an extra column, as before
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if {"prompt", "completion"} <= cols:
