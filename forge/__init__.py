@@ -66,6 +66,8 @@ _LAZY: dict[str, str] = {
     "WandbSpec": "forge.trackers", "MLflowSpec": "forge.trackers",
     "MissingTrackerError": "forge.trackers", "parse_trackers": "forge.trackers",
     "write_report": "forge.report",
+    # after training: merge, generate, evaluate a run directory
+    "merge_run": "forge.workflow", "generate_run": "forge.workflow", "evaluate_run": "forge.workflow",
 }
 
 

@@ -38,7 +38,7 @@ CASES = [
     ("unknown-preset", {}, ["train", "lorra"], "preset 'lorra' not found"),
     ("missing-preset-file", {}, ["train", "nope.yaml"], "preset 'nope.yaml' not found"),
     ("unknown-method", {}, ["train", "sft", "--set", "method=ppo"],
-     "method: expected one of sft, dpo, got 'ppo'"),
+     "method: expected one of sft, dpo, orpo, cpo, kto, got 'ppo'"),
     ("bad-format-name", {}, ["train", "sft", "--set", "data.format=chatml"],
      "data.format: expected one of"),
     ("eval-fraction-range", {}, ["train", "sft", "--set", "data.eval_fraction=1.5"],

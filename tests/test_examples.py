@@ -19,6 +19,7 @@ EXPECTED = {
     "adaptive_loss_trainer.py": ["fused loss matches standard"],
     "gradient_monitor_trainer.py": ["last log:"],
     "preset_in_python.py": ["lora preset in plain TRL: loss"],
+    "workflow_in_python.py": ["held-out perplexity: trained", "model.safetensors", "merged model answers:"],
 }
 
 

@@ -10,7 +10,8 @@ import forge
 from forge.config.loader import list_presets, load_preset, parse_override, presets_dir
 from forge.errors import ConfigError, ForgeError
 
-SHIPPED = ["demo", "dpo", "lora", "qlora", "sft"]
+SHIPPED = ["cpt", "demo", "dora", "dpo", "kto", "lora", "orpo", "pissa", "qlora", "qlora-lean", "rslora",
+           "sft", "simpo"]
 
 
 def test_shipped_presets_are_listed_with_descriptions():
@@ -21,21 +22,22 @@ def test_shipped_presets_are_listed_with_descriptions():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_preset_builds_real_config_objects(name):
-    import trl
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
+    from forge.config.methods import config_class
+
     preset = load_preset(name)
     args = preset.training_args()
-    assert isinstance(args, trl.DPOConfig if name == "dpo" else trl.SFTConfig)
+    assert isinstance(args, config_class(preset.method))
     assert args.output_dir.endswith(name)
     peft = preset.peft_config()
-    assert (peft is None) == (name in ("sft", "demo"))
+    assert (peft is None) == (name in ("sft", "demo", "cpt"))
     if peft is not None:
         assert isinstance(peft, LoraConfig)
         assert peft.target_modules == "all-linear" or "all-linear" in peft.target_modules
     quant = preset.quantization_config()
-    assert (quant is not None) == (name == "qlora")
+    assert (quant is not None) == (name in ("qlora", "qlora-lean"))
     if quant is not None:
         assert isinstance(quant, BitsAndBytesConfig)
         assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4"

@@ -2,6 +2,10 @@
 
     forge train [PRESET] [--set KEY=VALUE ...] [--model M] [--data D] [--output-dir O]
     forge autotune [PRESET] --max-memory 20GB [--target-global-batch 64]
+    forge merge RUN_DIR [--out DIR] [--dtype bfloat16] [--dequantize]
+    forge chat RUN_DIR [--base]
+    forge generate RUN_DIR --prompt TEXT | --prompts FILE [--out FILE] [--base]
+    forge eval RUN_DIR --data FILE [--out FILE] [--base] [--tasks T1,T2]
     forge report RUN_DIR
     forge presets list
     forge presets show NAME [--set KEY=VALUE ...]
@@ -28,13 +32,15 @@ from forge.errors import ForgeError
 
 EXIT_USAGE = 2
 # Command modules, in the order `forge --help` lists them.
-COMMAND_MODULES = ("forge.cli.train", "forge.cli.report", "forge.cli.presets", "forge.cli.models")
+COMMAND_MODULES = ("forge.cli.train", "forge.cli.merge", "forge.cli.chat", "forge.cli.eval",
+                   "forge.cli.report", "forge.cli.presets", "forge.cli.models")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forge`` argument parser with every command module's subcommands."""
     parser = argparse.ArgumentParser(
-        prog="forge", description="Fine-tune HF models from YAML presets (SFT, LoRA, QLoRA, DPO).")
+        prog="forge", description="Fine-tune HF models from YAML presets (SFT, LoRA, QLoRA, DPO, ...), "
+        "then merge, chat, generate and evaluate.")
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

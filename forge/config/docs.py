@@ -20,7 +20,7 @@ from forge.core.typecheck import describe
 INTRO = """\
 # Presets
 
-A preset is one YAML file that describes a whole fine-tuning run. forge ships five
+A preset is one YAML file that describes a whole fine-tuning run. forge ships {count}
 (`forge presets list`); `forge presets show NAME` prints one fully resolved.
 
 | preset | what it is for |
@@ -32,7 +32,7 @@ Run one with `forge train NAME`, or load it into your own code:
 ```python
 import forge, trl
 preset = forge.load_preset("qlora", ["training.learning_rate=1e-4"])
-args = preset.training_args()          # trl.SFTConfig (trl.DPOConfig for method: dpo)
+args = preset.training_args()          # the method's TRL config: trl.SFTConfig, trl.DPOConfig, ...
 lora = preset.peft_config()            # peft.LoraConfig, or None for a full fine-tune
 bnb = preset.quantization_config()     # transformers.BitsAndBytesConfig, or None
 plain = preset.get_args_dict()         # the same arguments as a dict; needs no accelerate
@@ -67,7 +67,12 @@ trackers: [tensorboard]
 
 ### `method`
 
-`sft` (default; TRL `SFTTrainer`) or `dpo` (TRL `DPOTrainer`).
+Which TRL trainer runs the preset (default `sft`); the `training:` section is checked against
+that trainer's config class. The table lives in `forge/config/methods.py`.
+
+| method | what it is | TRL config / trainer | data | refused sections |
+| --- | --- | --- | --- | --- |
+{methods}
 
 ### `description`
 
@@ -77,8 +82,9 @@ One line shown by `forge presets list`.
 TRAINING = """\
 ### `training`
 
-Any field of TRL's [`SFTConfig`](https://huggingface.co/docs/trl/sft_trainer) (method `sft`)
-or [`DPOConfig`](https://huggingface.co/docs/trl/dpo_trainer) (method `dpo`), which extend
+Any field of the method's TRL config: [`SFTConfig`](https://huggingface.co/docs/trl/sft_trainer)
+(method `sft`), [`DPOConfig`](https://huggingface.co/docs/trl/dpo_trainer) (`dpo`), `KTOConfig`
+(`kto`), `ORPOConfig` (`orpo`) or `CPOConfig` (`cpo`), which extend
 `transformers.TrainingArguments`; keys and types are checked against the installed TRL. forge
 sets three of them from other sections: `max_length` and `packing` from `data`, `report_to`
 from `trackers` (`training.max_length` is an error that says so). `output_dir` defaults to
@@ -87,7 +93,7 @@ exists and is turned off on a CPU-only machine, unless the preset sets it. Note 
 transformers 5 has no `warmup_ratio`: a float below 1 in `warmup_steps` is a fraction of
 the total steps.
 
-The values the shipped presets set:
+The values the main shipped presets set (`forge presets show NAME` prints any other):
 
 | key | sft | lora | qlora | dpo | meaning |
 | --- | --- | --- | --- | --- | --- |
@@ -108,6 +114,11 @@ Keyword arguments of [`peft.LoraConfig`](https://huggingface.co/docs/peft/packag
 | `target_modules` | `all-linear` | every linear layer except the LM head |
 | `bias` | `none` | train no biases |
 | `task_type` | `CAUSAL_LM` | PEFT task type |
+
+Any other `LoraConfig` field works too: `dora` sets `use_dora: true`, `rslora` sets
+`use_rslora: true` (scale `lora_alpha / sqrt(r)`) at `r: 64`, `pissa` sets
+`init_lora_weights: pissa` (forge saves the result as a plain LoRA adapter of the original
+base, PEFT's conversion, so `forge merge` applies it as usual).
 
 ### `trackers`
 
@@ -147,6 +158,30 @@ def _section_table(name: str, cls: type) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _methods_table() -> str:
+    from forge.config.methods import METHOD_TABLE, refusals
+
+    rows = []
+    for name, m in METHOD_TABLE.items():
+        classes = f"`{m.config.replace(':', '.')}` / `{m.trainer.rsplit(':', 1)[1]}`"
+        refused = ", ".join(f"`{k}`" for k in refusals(name)) or "none"
+        rows.append(f"| `{name}` | {m.summary} | {classes} | {DATA_KINDS[m.data]} | {refused} |")
+    return "\n".join(rows)
+
+
+DATA_KINDS = {"lm": "messages, prompt/completion, alpaca, text",
+              "preference": "prompt/chosen/rejected, chosen/rejected",
+              "unpaired": "prompt/completion/label; pairs are unpaired"}
+
+
+def _sources_table() -> str:
+    from forge.config.sources import SourceConfig
+
+    table = _section_table("data.sources[i]", SourceConfig).replace("### `data.sources[i]`\n", "")
+    return "#### `data.sources`\n" + table.replace("| `''` |", "| required |") + \
+        "\nSee [data.md](data.md) for mixing, column maps and packing.\n"
+
+
 def render() -> str:
     presets = list_presets()
     table = "\n".join(f"| `{n}` | {d} |" for n, d in presets.items())
@@ -156,8 +191,9 @@ def render() -> str:
         f"| `{k}` | " + " | ".join(f"`{shipped[n][k]}`" if k in shipped[n] else ""
                                    for n in shipped) + f" | {MEANINGS.get(k, '')} |"
         for k in keys)
-    parts = [INTRO.format(table=table), _section_table("model", ModelConfig),
-             _section_table("data", DataConfig), TRAINING.format(training_rows=training_rows),
+    intro = INTRO.format(table=table, count=len(presets), methods=_methods_table())
+    parts = [intro, _section_table("model", ModelConfig),
+             _section_table("data", DataConfig), _sources_table(), TRAINING.format(training_rows=training_rows),
              PEFT]
     for section in FEATURE_SECTIONS:
         try:

@@ -2,10 +2,11 @@
 
 A preset is a YAML mapping with these sections (see ``docs/presets.md``):
 
-* ``method``: ``sft`` or ``dpo``;
+* ``method``: one of :data:`METHODS` (``sft``, ``dpo``, ``orpo``, ``cpo``, ``kto``; see
+  :mod:`forge.config.methods`);
 * ``model`` (:class:`ModelConfig`), ``data`` (:class:`DataConfig`);
 * ``peft``: keyword arguments of ``peft.LoraConfig`` (``null`` for a full fine-tune);
-* ``training``: fields of TRL's ``SFTConfig`` or ``DPOConfig``, by method;
+* ``training``: fields of the method's TRL config (``SFTConfig``, ``DPOConfig``, ...);
 * ``trackers``: names of trackers to report to;
 * forge feature sections (``ema``, ``freeze``, ``loss``, ``monitor``), each validated against
   the config dataclass of the module that implements it.
@@ -19,15 +20,18 @@ import dataclasses
 import importlib
 import inspect
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge.config.methods import METHODS, config_class, refusals
 from forge.core.typecheck import coerce, describe, did_you_mean
 
-METHODS = ("sft", "dpo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "preference", "implicit_preference")
+DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "preference", "implicit_preference",
+                "unpaired_preference")
+STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
 
 
 @dataclass
@@ -81,12 +85,13 @@ class DataConfig:
     path: str = field(
         default="builtin:demo-sft",
         metadata={"help": "A .jsonl/.json/.csv/.parquet file or a directory saved by "
-                  "`datasets`; `builtin:demo-sft` / `builtin:demo-dpo` are forge's demo sets."},
+                  "`datasets`; `builtin:demo-sft` / `builtin:demo-dpo` / `builtin:demo-text` are "
+                  "forge's demo sets."},
     )
     format: str | None = field(
         default=None,
-        metadata={"help": "messages | prompt_completion | alpaca | text | preference; "
-                  "null: detected from the columns."},
+        metadata={"help": "messages | prompt_completion | alpaca | text | preference | "
+                  "unpaired_preference; null: detected from the columns."},
     )
     split: str = field(
         default="train", metadata={"help": "Split to train on, for a saved DatasetDict."}
@@ -103,7 +108,8 @@ class DataConfig:
                   "(seeded by training.seed)."},
     )
     max_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training rows (quick trials)."}
+        default=None, metadata={"help": "Use only the first N training rows (quick trials; with "
+                                "sources, of the mixed set)."}
     )
     max_length: int | None = field(
         default=1024,
@@ -111,7 +117,23 @@ class DataConfig:
     )
     packing: bool = field(
         default=False,
-        metadata={"help": "SFT only: pack several examples into each max_length sequence."},
+        metadata={"help": "SFT only: pack several examples into each max_length sequence "
+                  "(padding-free, position ids restart per example: no attention across them)."},
+    )
+    columns: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Rename columns before the format is detected, e.g. "
+                  "{question: prompt, answer: completion}."},
+    )
+    sources: list[dict[str, Any]] | None = field(
+        default=None,
+        metadata={"help": "Several sources mixed into one training set, each {path, format, split, "
+                  "max_samples, weight, columns}; see docs/data.md."},
+    )
+    stopping_strategy: str = field(
+        default="first_exhausted",
+        metadata={"help": "When mixing sources stops (datasets.interleave_datasets): "
+                  "first_exhausted, all_exhausted or all_exhausted_without_replacement."},
     )
 
 
@@ -169,6 +191,8 @@ RANGES: dict[str, tuple[float | None, float | None, str, str]] = {
     "training.beta": (0, None, "(", "]"),
     "data.max_length": (1, None, "[", "]"),
     "data.max_samples": (1, None, "[", "]"),
+    "data.sources.max_samples": (1, None, "[", "]"),
+    "data.sources.weight": (0, None, "(", "]"),
     "peft.r": (1, None, "[", "]"),
     "peft.lora_alpha": (0, None, "(", "]"),
     "peft.lora_dropout": (0, 1, "[", ")"),
@@ -183,7 +207,7 @@ def out_of_range(key: str, value: Any) -> str | None:
         return f"expected a finite number, got {value!r}"
     if key == "training.max_steps":
         return None if value == -1 or value >= 1 else f"expected -1 (use epochs) or >= 1, got {value!r}"
-    low, high, left, right = RANGES.get(key, (None, None, "[", "]"))
+    low, high, left, right = RANGES.get(_unindexed(key), (None, None, "[", "]"))
     below = low is not None and (value <= low if left == "(" else value < low)
     above = high is not None and (value >= high if right == ")" else value > high)
     if below or above:
@@ -193,6 +217,11 @@ def out_of_range(key: str, value: Any) -> str | None:
     return None
 
 
+def _unindexed(key: str) -> str:
+    """``data.sources[1].weight`` -> ``data.sources.weight``: list items share their rules."""
+    return re.sub(r"\[\d+\]", "", key)
+
+
 def feature_config_class(section: str) -> type:
     """Import the dataclass that validates a forge feature section, e.g. ``"ema"``."""
     module_name, cls_name = FEATURE_SECTIONS[section].split(":")
@@ -200,10 +229,8 @@ def feature_config_class(section: str) -> type:
 
 
 def training_config_class(method: str) -> type:
-    """TRL's config class for a method: ``SFTConfig`` or ``DPOConfig``."""
-    import trl
-
-    return trl.SFTConfig if method == "sft" else trl.DPOConfig
+    """TRL's config class for a method: ``SFTConfig``, ``DPOConfig``, ``KTOConfig``, ..."""
+    return config_class(method)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -222,7 +249,7 @@ class _Checker:
         self.problems: list[str] = []
 
     def where(self, key: str) -> str:
-        parts = key.split(".")
+        parts = _unindexed(key).split(".")
         for i in range(len(parts), 0, -1):
             src = self.origins.get(".".join(parts[:i]))
             if src:
@@ -255,6 +282,17 @@ class _Checker:
                 continue
             out[key] = value
         return out
+
+
+def _section_on(preset: dict[str, Any], out: dict[str, Any], key: str) -> bool:
+    """Whether a preset turns on ``key``: a section (``loss``, ``freeze: {enabled: true}``) or a
+    checked flag (``data.packing``)."""
+    if key == "data.packing":
+        return bool(out["data"].get("packing"))
+    value = preset.get(key)
+    if key == "loss":
+        return value is not None  # the loss section has no `enabled`: present means on
+    return value is True or isinstance(value, dict) and bool(value.get("enabled"))
 
 
 def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> dict[str, Any]:
@@ -302,17 +340,20 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
     fmt = out["data"].get("format")
     if fmt is not None and fmt not in DATA_FORMATS:
         check.add("data.format", f"expected one of {', '.join(DATA_FORMATS)}, got {fmt!r}")
+    stopping = out["data"].get("stopping_strategy")
+    if stopping is not None and stopping not in STOPPING_STRATEGIES:
+        check.add("data.stopping_strategy",
+                  f"expected one of {', '.join(STOPPING_STRATEGIES)}, got {stopping!r}")
     frac = out["data"].get("eval_fraction")
     if frac is not None and not 0.0 < frac < 1.0:
         check.add("data.eval_fraction", f"expected a fraction between 0 and 1, got {frac!r}")
-    if method == "dpo" and preset.get("loss") is not None:
-        check.add("loss", "the token-level loss applies to sft only; DPO has its own loss "
-                  "(training.loss_type)")
-    freeze = preset.get("freeze")
-    if method == "dpo" and (freeze is True or isinstance(freeze, dict) and freeze.get("enabled")):
-        check.add("freeze", "freezing blocks is not supported with dpo yet (see docs/layers.md)")
-    if method == "dpo" and out["data"].get("packing"):
-        check.add("data.packing", "packing applies to sft only; set it to false for dpo")
+    if out["data"].get("sources") is not None:
+        from forge.config.sources import check_sources
+
+        out["data"]["sources"] = check_sources(check, out["data"]["sources"], DATA_FORMATS)
+    for key, reason in refusals(method).items():
+        if _section_on(preset, out, key):
+            check.add(key, reason)
 
     if preset.get("peft") is not None:
         from peft import LoraConfig

@@ -18,7 +18,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATA = {"demo-sft": HERE / "demo_sft.jsonl", "demo-dpo": HERE / "demo_dpo.jsonl"}
+BUILTIN_DATA = {"demo-sft": HERE / "demo_sft.jsonl", "demo-dpo": HERE / "demo_dpo.jsonl",
+                "demo-text": HERE / "demo_text.jsonl"}
 BUILTIN_MODELS = ("tiny-llama",)
 # Bump when the architecture or init changes, so stale cached copies are not reused.
 _MODEL_VERSION = "v1"

@@ -85,6 +85,12 @@ def make_dpo(n: int = 200, seed: int = 1) -> list[dict]:
     return rows
 
 
+def make_text(n: int = 120, seed: int = 2) -> list[dict]:
+    """Raw documents for continued pre-training: a few facts in a row, of varying length."""
+    rng = random.Random(seed)
+    return [{"text": " ".join(_qa(rng)[1] for _ in range(rng.randint(2, 12)))} for _ in range(n)]
+
+
 def make_tokenizer(texts: list[str], vocab_size: int = 1024):
     """A byte-level BPE (any text encodes) with ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -103,14 +109,15 @@ def make_tokenizer(texts: list[str], vocab_size: int = 1024):
 
 def main() -> None:
     sft, dpo = make_sft(), make_dpo()
-    for name, rows in (("demo_sft.jsonl", sft), ("demo_dpo.jsonl", dpo)):
+    for name, rows in (("demo_sft.jsonl", sft), ("demo_dpo.jsonl", dpo), ("demo_text.jsonl", make_text())):
         with open(HERE / name, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     texts = [m["content"] for r in sft for m in r["messages"]]
     texts += [r[k] for r in dpo for k in ("prompt", "chosen", "rejected")]
     make_tokenizer(texts).save(str(HERE / "tokenizer.json"))
-    print(f"wrote {len(sft)} sft rows, {len(dpo)} dpo rows and tokenizer.json to {HERE}")
+    # The tokenizer learns from the chats alone (the text rows repeat their sentences).
+    print(f"wrote {len(sft)} sft rows, {len(dpo)} dpo rows, text rows and tokenizer.json to {HERE}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ format                 columns                                      becomes (for
 ``alpaca``             ``instruction``, optional ``input``, ``output``  chat prompt/completion
 ``text``               ``text``                                     plain LM
 ``preference`` (DPO)   ``prompt``, ``chosen``, ``rejected``         chat preference
+``unpaired_preference``  ``prompt``, ``completion``, ``label``     chat unpaired (KTO)
 =====================  ==========================================  =====================
+
+Which formats a method trains on is its ``data`` kind in :mod:`forge.config.methods` (KTO also
+takes chosen/rejected pairs, unpaired by TRL's ``unpair_preference_dataset``). A column map
+(``columns={"question": "prompt"}``) renames columns before the format is detected.
 
 Every row is checked; a missing or empty field is a :class:`~forge.errors.ForgeError` naming
 the file, the row number (1-based, as an editor shows JSONL lines) and the field.
@@ -42,8 +47,16 @@ REQUIRED = {
     # chosen/rejected that each hold the whole dialogue, prompt included (HH-RLHF's own shape);
     # the prompt is their common beginning, as TRL's extract_prompt takes it.
     "implicit_preference": ("chosen", "rejected"),
+    # KTO's unpaired shape: one completion per row and whether it is a good one.
+    "unpaired_preference": ("prompt", "completion", "label"),
 }
 PREFERENCE_FORMATS = ("preference", "implicit_preference")
+# The formats each kind of method (forge.config.methods.Method.data) trains on.
+FORMATS_BY_KIND = {
+    "lm": ("messages", "prompt_completion", "alpaca", "text"),
+    "preference": PREFERENCE_FORMATS,
+    "unpaired": ("unpaired_preference", *PREFERENCE_FORMATS),
+}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -172,14 +185,17 @@ def detect_format(columns: list[str], method: str) -> str:
         return "preference" if "prompt" in cols else "implicit_preference"
     if "messages" in cols:
         return "messages"
+    if {"prompt", "completion", "label"} <= cols and _kind(method) == "unpaired":
+        return "unpaired_preference"  # for SFT a `label` column stays an extra column, as before
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
     if "text" in cols:
         return "text"
-    wanted = "prompt/chosen/rejected" if method == "dpo" else (
-        "messages, prompt/completion, instruction/output or text")
+    wanted = {"lm": "messages, prompt/completion, instruction/output or text",
+              "preference": "prompt/chosen/rejected",
+              "unpaired": "prompt/completion/label or prompt/chosen/rejected"}[_kind(method)]
     raise ForgeError(f"cannot tell the data format from the columns {sorted(cols)}; "
                      f"expected {wanted} (or set data.format)")
 
@@ -210,6 +226,10 @@ def check_rows(ds: Any, fmt: str, source: str) -> None:
             if _empty(row.get(field)):
                 raise ForgeError(f"{where}: field '{field}' is missing or empty")
             value = row[field]
+            if field == "label" and fmt == "unpaired_preference":
+                if not isinstance(value, bool) and value not in (0, 1):
+                    raise ForgeError(f"{where}: field 'label' must be true or false, got {value!r}")
+                continue
             if fmt == "messages" or isinstance(value, list):
                 _check_messages(where, field, value)
             elif not isinstance(value, str):
@@ -237,6 +257,9 @@ def _to_trl(row: dict, fmt: str) -> dict:
                 "rejected": _as_turn("assistant", row["rejected"])}
     if fmt == "implicit_preference":
         return split_implicit_prompt(row["chosen"], row["rejected"])
+    if fmt == "unpaired_preference":
+        return {"prompt": _as_turn("user", row["prompt"]),
+                "completion": _as_turn("assistant", row["completion"]), "label": bool(row["label"])}
     return {REQUIRED[fmt][0]: row[REQUIRED[fmt][0]]}
 
 
@@ -275,15 +298,18 @@ def load_examples(
     fmt: str | None = None,
     split: str = "train",
     max_samples: int | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Any:
     """Load, check and convert one data source into a ``datasets.Dataset`` for TRL.
 
     Args:
         path: a file, a saved dataset directory, or ``builtin:demo-sft`` / ``builtin:demo-dpo``.
-        method: ``"sft"`` or ``"dpo"``; DPO needs the preference format and SFT cannot use it.
+        method: a method of :mod:`forge.config.methods` (``"sft"``, ``"dpo"``, ``"kto"``, ...);
+            its data kind decides which formats it takes.
         fmt: a format name from the table above; None detects it from the columns.
         split: the split to read from a saved ``DatasetDict``.
         max_samples: keep only the first N rows.
+        columns: rename columns first, ``{"question": "prompt", "answer": "completion"}``.
 
     Raises:
         ForgeError: missing file, unknown format, a bad row (named by number), or no rows.
@@ -296,12 +322,12 @@ def load_examples(
         ds = read_rows(source, split)
     if len(ds) == 0:
         raise ForgeError(f"{source}: the data set is empty")
+    if columns:
+        from forge.recipes.columns import rename_columns
+
+        ds = rename_columns(ds, columns, str(source))
     fmt = fmt or detect_format(ds.column_names, method)
-    if method == "dpo" and fmt not in PREFERENCE_FORMATS:
-        raise ForgeError(f"{source}: method dpo needs prompt/chosen/rejected (or chosen/rejected) "
-                         f"columns, found format '{fmt}' (columns {sorted(ds.column_names)})")
-    if method == "sft" and fmt in PREFERENCE_FORMATS:
-        raise ForgeError(f"{source}: chosen/rejected data is for method dpo, not sft")
+    _check_method_takes(method, fmt, str(source), ds.column_names)
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     check_rows(ds, fmt, str(source))
@@ -314,4 +340,31 @@ def load_examples(
             raise ForgeError(f"{source} row {n}: chosen and rejected share no prompt (or one "
                              "contains the other); give a prompt column")
         rows.append(converted)
-    return datasets.Dataset.from_list(rows)
+    out = datasets.Dataset.from_list(rows)
+    if _kind(method) == "unpaired" and fmt in PREFERENCE_FORMATS:
+        from trl.data_utils import unpair_preference_dataset
+
+        out = unpair_preference_dataset(out)  # each pair: a good row and a bad row
+    return out
+
+
+def _kind(method: str) -> str:
+    from forge.config.methods import METHOD_TABLE
+
+    return METHOD_TABLE[method].data if method in METHOD_TABLE else "lm"
+
+
+def _check_method_takes(method: str, fmt: str, source: str, columns: list[str]) -> None:
+    """A format the method cannot train on is one line naming the file, method and columns."""
+    kind = _kind(method)
+    if fmt in FORMATS_BY_KIND[kind]:
+        return
+    if kind == "lm":
+        if fmt == "unpaired_preference":
+            raise ForgeError(f"{source}: prompt/completion/label data is for method kto, not {method}")
+        raise ForgeError(f"{source}: chosen/rejected data is for method dpo, not {method} "
+                         "(or orpo, cpo, kto)")
+    wanted = "prompt/chosen/rejected (or chosen/rejected)" + (
+        " or prompt/completion/label" if kind == "unpaired" else "")
+    raise ForgeError(f"{source}: method {method} needs {wanted} columns, found format '{fmt}' "
+                     f"(columns {sorted(columns)})")

@@ -18,7 +18,7 @@ RUN_FILES = ("trainer_state.json", "monitor_summary.json", "autotune.json", "all
              "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE,
              # the freeze schedule's record of its changes (forge/layers/schedule.py)
              "forge_gradual_unfreezing.json", "forge_lp_lora.json", "forge_lisa.json")
-RUN_DIRS = ("report", "runs")
+RUN_DIRS = ("report", "runs", "adapter_init")
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: bool) -> None:

@@ -21,19 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from forge.config.loader import Preset
+from forge.config.methods import METHOD_TABLE, trainer_class
 from forge.config.schema import has_eval
 from forge.core.console import is_main_process, note
 from forge.errors import ForgeError
+from forge.recipes.adapter_init import changes_base, save_as_lora, save_initial_adapter
 from forge.recipes.checkpoints import (
     is_complete,
     last_complete_checkpoint,
     save_final_model,
     writes_markers,
 )
-from forge.recipes.data import load_examples
 from forge.recipes.launch import check_launch
+from forge.recipes.mixing import load_datasets as _load_data
 from forge.recipes.model import adapter_base, load_model, load_tokenizer, model_max_positions
 from forge.recipes.output import check_output_dir, clear_previous_run, write_preset_file
+from forge.recipes.packing import packing_note
 from forge.recipes.phases import Run, RunConfig
 
 
@@ -48,18 +51,9 @@ class TrainResult:
 
 
 def load_datasets(preset: Preset | RunConfig) -> tuple[Any, Any]:
-    """The training set and the evaluation set (or None) a preset describes."""
-    data = preset.data
-    train_ds = load_examples(data.path, preset.method, data.format, data.split, data.max_samples)
-    eval_ds = None
-    if data.eval_path or data.eval_split:
-        eval_ds = load_examples(data.eval_path or data.path, preset.method, data.format,
-                                data.eval_split or data.split)
-    elif data.eval_fraction:
-        seed = _seed(preset)
-        split = train_ds.train_test_split(test_size=data.eval_fraction, seed=seed)
-        train_ds, eval_ds = split["train"], split["test"]
-    return train_ds, eval_ds
+    """The training set and the evaluation set (or None) a preset describes (one source, or
+    several mixed: :mod:`forge.recipes.mixing`)."""
+    return _load_data(preset.data, preset.method, _seed(preset))
 
 
 def _seed(preset: Preset | RunConfig) -> int:
@@ -78,7 +72,6 @@ def build_trainer(preset: Preset, resume: bool | str = False) -> Any:
 
 
 def _build(config: RunConfig, resume: bool | str) -> Any:
-    import trl
     from transformers import set_seed
 
     args = config.training_args
@@ -93,16 +86,23 @@ def _build(config: RunConfig, resume: bool | str) -> Any:
     train_ds, eval_ds = load_datasets(config)
     tokenizer = load_tokenizer(config.model)
     _cap_max_length(args, config)
+    if config.method == "sft" and packing_note(args):
+        note(packing_note(args))
     base = adapter_base(config.model.name_or_path)
     if base is not None:
         note(_adapter_note(config, base))
     model = load_model(config.model, config.quantization, config.peft)
+    if config.peft is not None and changes_base(config.peft) and base is None and is_main_process():
+        save_initial_adapter(model, args.output_dir)  # PiSSA & co: saved as plain LoRA at the end
     run = Run(config, model, tokenizer, train_ds, eval_ds)
     run.transform_model()
     run.plan_memory()
     run.add_callbacks()
     extra = dict(run.trainer_kwargs)
-    trainer_cls = trl.SFTTrainer if config.method == "sft" else trl.DPOTrainer
+    trainer_cls = trainer_class(config.method)  # the method table: forge.config.methods
+    if METHOD_TABLE[config.method].experimental:
+        note(f"method {config.method}: TRL's {trainer_cls.__name__} from {trainer_cls.__module__} "
+             "(trl.experimental: TRL may change it in any release)")
     accepted = inspect.signature(trainer_cls.__init__).parameters
     late = {k: extra.pop(k) for k in list(extra) if k not in accepted}
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -121,7 +121,8 @@ def _adapter_note(config: RunConfig, base: str) -> str:
     where = f"model: {config.model.name_or_path} is an adapter of {base}"
     if config.peft is None:
         return f"{where}; it is merged into the base for a full fine-tune"
-    reference = "; DPO's reference is a frozen copy of it" if config.method == "dpo" else ""
+    reference = (f"; {config.method.upper()}'s reference is a frozen copy of it"
+                 if METHOD_TABLE[config.method].reference else "")
     return (f"{where}; that adapter trains further (the preset's peft: section is not used), so "
             f"the saved result on that base is the model of both stages{reference}")
 
@@ -193,6 +194,8 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
     result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     save_final_model(trainer, output_dir)
     if trainer.is_world_process_zero():
+        if config.peft is not None and changes_base(config.peft) and adapter_base(config.model.name_or_path) is None:
+            save_as_lora(trainer.model, output_dir)
         write_preset_file(config.preset_yaml, output_dir)
         # The loss curve and metrics, in the Trainer's own format, for reports and tests.
         trainer.state.save_to_json(str(Path(output_dir, "trainer_state.json")))
