@@ -2,6 +2,9 @@
 
     forge train [PRESET] [--set KEY=VALUE ...] [--model M] [--data D] [--output-dir O]
     forge autotune [PRESET] --max-memory 20GB [--target-global-batch 64]
+    forge doctor [PRESET] [--max-memory 20GB] [--resume-check]
+    forge lr-find [PRESET]
+    forge sweep [PRESET] --space space.yaml --trials N
     forge report RUN_DIR
     forge presets list
     forge presets show NAME [--set KEY=VALUE ...]
@@ -25,7 +28,7 @@ from forge.errors import ForgeError
 
 EXIT_USAGE = 2
 # Command modules, in the order `forge --help` lists them.
-COMMAND_MODULES = ("forge.cli.train", "forge.cli.report", "forge.cli.presets")
+COMMAND_MODULES = ("forge.cli.train", "forge.cli.doctor", "forge.cli.tune", "forge.cli.report", "forge.cli.presets")
 
 
 def build_parser() -> argparse.ArgumentParser:

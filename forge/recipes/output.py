@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from forge.core.io import atomic_write_text
-from forge.core.paths import PRESET_FILE
+from forge.core.paths import DOCTOR_FILE, PRESET_FILE
 from forge.errors import ForgeError
 
 # What a previous forge run leaves in its output directory (besides the tokenizer files the
@@ -15,7 +15,8 @@ from forge.errors import ForgeError
 RUN_FILES = ("trainer_state.json", "monitor_summary.json", "autotune.json", "all_results.json",
              "train_results.json", "eval_results.json", "training_args.bin", "config.json",
              "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-             "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE)
+             "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE,
+             DOCTOR_FILE)
 RUN_DIRS = ("report", "runs")
 
 

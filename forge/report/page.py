@@ -12,6 +12,7 @@ from typing import Any
 
 from forge.core.io import json_safe
 from forge.core.paths import STATE_FILE
+from forge.report.doctor import doctor_section
 from forge.report.files import MONITOR_FILE, RunFiles, load_run
 
 # Forge figures are logged under forge/ (the monitor's per-block norms among them).
@@ -181,6 +182,7 @@ pre {{ background: #f6f6f6; padding: 1em; }}
 {"<ul class='notes'>" + note_html + "</ul>" if note_html else ""}
 {"".join(sections)}
 {anomalies}
+{doctor_section(run.run_dir)}
 {preset}
 <script type="application/json" id="forge-series">{data}</script>
 </body></html>
