@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 import forge
 from forge.doctor import FAIL, OK, WARN, data_checks, format_checks
@@ -273,3 +274,30 @@ def test_train_prints_warnings_records_the_checks_and_the_report_shows_them(tmp_
     assert cli.main(["train", "demo", "--max-steps", "1", "--output-dir", str(out), "--overwrite",
                      "--no-doctor", "--set", "data.max_samples=16"]) == 0
     assert "forge: doctor:" not in capsys.readouterr().out and not (out / "doctor.json").exists()
+
+
+class ForgetsOnResume(TrainerCallback):
+    """A stateful piece that does not round-trip: it halves the first update a process makes."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.seen += 1
+        if self.seen == 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(0.5)
+
+
+def test_resume_check_passes_on_the_demo_and_catches_a_resume_that_forgets(monkeypatch, one_thread):
+    from forge.recipes import runner
+    from forge.recipes.doctor_resume import check_resume
+
+    preset = forge.load_preset("demo", {"data.max_length": 48, "training.per_device_train_batch_size": 4})
+    ok = check_resume(preset)
+    assert ok.status == OK and ok.data["max_weight_difference"] == 0.0, ok.message
+    real_train = runner.train
+    monkeypatch.setattr(runner, "train", lambda *a, **k: real_train(*a, **k, callbacks=[ForgetsOnResume()]))
+    broken = check_resume(preset)
+    assert broken.status == FAIL and "weights differ" in broken.message

@@ -53,7 +53,9 @@ class Combination:
     verdict: str  # REFUSED or UNSUPPORTED
     stage: str  # "preset", "build" or "train"
     reason: str
-    example: dict[str, Any] = field(default_factory=dict)  # overrides of the demo preset that have it
+    # Overrides of the demo preset that have the combination (``data.path: rows:text`` stands for a
+    # small file of plain-text rows, which the test writes).
+    example: dict[str, Any] = field(default_factory=dict)
 
 
 def _on(setup: Setup, section: str) -> bool:
@@ -136,7 +138,7 @@ COMBINATIONS: tuple[Combination, ...] = (
     Combination("assistant-loss-plain-text", "training.assistant_only_loss with plain-text rows (no chat turns)",
                 lambda s: bool(getattr(s.args, "assistant_only_loss", False)) and s.data_format == "text", REFUSED,
                 "build", "TRL needs conversational rows to find the assistant turns",
-                {"training.assistant_only_loss": True, "data.path": "forge-doctor:text-rows"}),
+                {"training.assistant_only_loss": True, "data.path": "rows:text"}),
     Combination("padding-free-unpacked", "training.padding_free without data.packing (and a max_length)",
                 lambda s: bool(getattr(s.args, "padding_free", False)) and not getattr(s.args, "packing", False)
                 and getattr(s.args, "max_length", None) is not None, REFUSED, "build",

@@ -38,7 +38,7 @@ class Loaded:
     max_length: int | None
 
 
-def _model_files(config: RunConfig) -> tuple[Any, Any]:
+def model_files(config: RunConfig) -> tuple[Any, Any]:
     """The model's config and generation config, read without the weights (None where unreadable)."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -76,21 +76,25 @@ def _accelerator() -> bool:
                                              and torch.backends.mps.is_available())
 
 
+def setup_of(config: RunConfig, model_config: Any, rows: Any) -> Setup:
+    """What the combination table looks at, for a resolved run and its rows."""
+    import yaml
+
+    fmt = "text" if "text" in rows.column_names else config.data.format
+    return Setup(config=yaml.safe_load(config.preset_yaml), args=config.training_args, model_config=model_config,
+                 data_format=fmt, accelerator=_accelerator())
+
+
 def fast_checks(config: RunConfig, sample: int = SAMPLE_ROWS) -> tuple[list[Check], Loaded]:
     """The checks that need no model weights: combination, rows, loss mask, EOS, truncation, packing.
 
     Raises:
         ForgeError: the data or tokenizer cannot load (as ``forge train`` would report it).
     """
-    import yaml
-
     args = config.training_args
-    model_config, generation = _model_files(config)
+    model_config, generation = model_files(config)
     rows, eval_rows = _sample(config, sample)
-    fmt = "text" if "text" in rows.column_names else config.data.format
-    setup = Setup(config=yaml.safe_load(config.preset_yaml), args=args, model_config=model_config,
-                  data_format=fmt, accelerator=_accelerator())
-    checks = [check_combinations(setup)]
+    checks = [check_combinations(setup_of(config, model_config, rows))]
     tokenizer = load_tokenizer(config.model)
     limit = model_max_positions(config.model)
     max_length = min(args.max_length, limit) if args.max_length and limit else args.max_length

@@ -27,6 +27,9 @@ from forge.core.paths import PRESET_FILE
 from forge.doctor.result import FAIL, OK, Check
 
 STEPS = 2
+# Logged counters that are not training state: TRL counts the tokens its own process has seen,
+# so a resumed run restarts that count (the weights and every other figure must still match).
+NOT_STATE = ("num_tokens",)
 
 
 def _tiny(preset: Preset, output_dir: Path) -> Preset:
@@ -52,7 +55,7 @@ def _logged_at(history: list[dict[str, Any]], step: int) -> dict[str, float]:
     for entry in history:
         if entry.get("step") == step:
             out.update({k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in
-                        ("step", "epoch") and not k.startswith("train_")})
+                        ("step", "epoch", *NOT_STATE) and not k.startswith("train_")})
     return out
 
 

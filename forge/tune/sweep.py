@@ -53,11 +53,13 @@ class PruneOnEval(TrainerCallback):
     def __init__(self, trial: Any) -> None:
         self.trial = trial
         self.pruned_at: int | None = None
+        self.reported: set[int] = set()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get(OBJECTIVE)
-        if value is None or self.pruned_at is not None:
-            return control
+        if value is None or self.pruned_at is not None or state.global_step in self.reported:
+            return control  # the final evaluation repeats the last step's: reported once
+        self.reported.add(state.global_step)
         self.trial.report(float(value), state.global_step)
         if self.trial.should_prune():
             self.pruned_at = state.global_step
