@@ -65,6 +65,9 @@ _LAZY: dict[str, str] = {
     "WandbSpec": "forge.trackers", "MLflowSpec": "forge.trackers",
     "MissingTrackerError": "forge.trackers", "parse_trackers": "forge.trackers",
     "write_report": "forge.report",
+    # pre-flight checks, learning-rate range test, hyperparameter search
+    "check_trainer": "forge.doctor", "data_checks": "forge.doctor", "doctor_preset": "forge.recipes.doctor",
+    "lr_find": "forge.tune", "sweep": "forge.tune",
 }
 
 

@@ -166,10 +166,10 @@ def test_chosen_equal_to_rejected_warns_and_all_equal_fails(tmp_path):
 
 def test_packing_verdict_agrees_with_a_real_model(demo, one_thread):
     from transformers import AutoConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from forge.doctor.lengths import check_packing
     from forge.recipes.model import resolve_model_path
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     preset, tok, rows = demo
     args = _args(preset, packing=True, max_length=96)

@@ -19,6 +19,8 @@ EXPECTED = {
     "adaptive_loss_trainer.py": ["fused loss matches standard"],
     "gradient_monitor_trainer.py": ["last log:"],
     "preset_in_python.py": ["lora preset in plain TRL: loss"],
+    "doctor_trainer.py": ["FAIL  eos:", "OK    eos:"],
+    "lr_find_trainer.py": ["suggested learning rate", "trained at it"],
 }
 
 

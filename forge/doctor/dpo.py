@@ -83,7 +83,8 @@ def dpo_checks(prepared: Any, collator: Callable[[list[dict[str, Any]]], dict[st
                             "learns to stop", data={"without_supervised_eos": len(no_eos)}))
     elif no_eos:
         checks.append(Check("eos", WARN, f"{len(no_eos)} of {total} pairs do not supervise {eos} on both sides "
-                            f"(rows {_rows(no_eos)}; cut by max_length?)", data={"without_supervised_eos": len(no_eos)}))
+                            f"(rows {_rows(no_eos)}; cut by max_length?)",
+                            data={"without_supervised_eos": len(no_eos)}))
     else:
         checks.append(Check("eos", OK, f"the end-of-turn token {eos} is supervised in both completions of every pair"))
     if not cut:

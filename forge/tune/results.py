@@ -94,7 +94,8 @@ def _page(rows: list[dict[str, Any]], keys: list[str], columns: list[str], out: 
 <html lang="en"><head><meta charset="utf-8"><title>forge sweep: {esc(out.name)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; }}
+th, td {{ text-align: left; padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }}
 tr.best {{ background: #e6f4e6; font-weight: bold; }}
 </style></head><body>
 <h1>forge sweep: {esc(out.name)}</h1>

@@ -154,7 +154,8 @@ def check_against_preset(params: dict[str, Param], preset: str, overrides: dict[
         raise ConfigError(problems)
 
 
-def load_space(path: str | Path, preset: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Param]:
+def load_space(path: str | Path, preset: str | None = None,
+               overrides: dict[str, Any] | None = None) -> dict[str, Param]:
     """Read and check a space file; with ``preset``, check its keys and values against it too.
 
     Raises:
