@@ -180,3 +180,13 @@ def test_sweep_prunes_on_eval_loss(tmp_path, one_thread):
     row = result.rows[0]
     assert row["state"] == "pruned" and row["steps"] == 2 and row["note"] == "pruned at step 2"
     assert result.best is None
+
+
+def test_sweep_without_optuna_says_what_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
+    space = _space(tmp_path, "training.learning_rate: {log_uniform: [1.0e-4, 1.0e-3]}\n")
+    assert cli.main(["sweep", "demo", "--space", space, "--trials", "1", "--output-dir", str(tmp_path / "s")]) == 2
+    assert 'pip install "transformers-forge[sweep]"' in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
