@@ -68,6 +68,9 @@ _LAZY: dict[str, str] = {
     "write_report": "forge.report",
     # after training: merge, generate, evaluate a run directory
     "merge_run": "forge.workflow", "generate_run": "forge.workflow", "evaluate_run": "forge.workflow",
+    # pre-flight checks, learning-rate range test, hyperparameter search
+    "check_trainer": "forge.doctor", "data_checks": "forge.doctor", "doctor_preset": "forge.recipes.doctor",
+    "lr_find": "forge.tune", "sweep": "forge.tune",
 }
 
 

@@ -20,6 +20,8 @@ EXPECTED = {
     "gradient_monitor_trainer.py": ["last log:"],
     "preset_in_python.py": ["lora preset in plain TRL: loss"],
     "workflow_in_python.py": ["held-out perplexity: trained", "model.safetensors", "merged model answers:"],
+    "doctor_trainer.py": ["FAIL  eos:", "OK    eos:"],
+    "lr_find_trainer.py": ["suggested learning rate", "trained at it"],
 }
 
 

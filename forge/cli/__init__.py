@@ -6,6 +6,9 @@
     forge chat RUN_DIR [--base]
     forge generate RUN_DIR --prompt TEXT | --prompts FILE [--out FILE] [--base]
     forge eval RUN_DIR --data FILE [--out FILE] [--base] [--tasks T1,T2]
+    forge doctor [PRESET] [--max-memory 20GB] [--resume-check]
+    forge lr-find [PRESET]
+    forge sweep [PRESET] --space space.yaml --trials N
     forge report RUN_DIR
     forge presets list
     forge presets show NAME [--set KEY=VALUE ...]
@@ -32,8 +35,9 @@ from forge.errors import ForgeError
 
 EXIT_USAGE = 2
 # Command modules, in the order `forge --help` lists them.
-COMMAND_MODULES = ("forge.cli.train", "forge.cli.merge", "forge.cli.chat", "forge.cli.eval",
-                   "forge.cli.report", "forge.cli.presets", "forge.cli.models")
+COMMAND_MODULES = ("forge.cli.train", "forge.cli.doctor", "forge.cli.tune", "forge.cli.merge",
+                   "forge.cli.chat", "forge.cli.eval", "forge.cli.report", "forge.cli.presets",
+                   "forge.cli.models")
 
 
 def build_parser() -> argparse.ArgumentParser:

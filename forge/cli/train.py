@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="allow writing into a non-empty output directory")
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                        help="continue from the newest checkpoint in the output dir, or CHECKPOINT")
+    train.add_argument("--no-doctor", dest="doctor", action="store_false",
+                       help="skip the pre-flight checks (see `forge doctor`)")
     train.set_defaults(func=cmd_train)
 
     autotune = sub.add_parser(
@@ -34,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from forge.recipes.runner import train
 
     preset = load(args)
-    result = train(preset, overwrite=args.overwrite, resume=args.resume)
+    result = train(preset, overwrite=args.overwrite, resume=args.resume, doctor=args.doctor)
     trainer = result.trainer
     if trainer is None or trainer.is_world_process_zero():
         losses = [h["loss"] for h in result.log_history if "loss" in h]

@@ -10,6 +10,8 @@ from typing import Any
 PRESET_FILE = "forge_preset.yaml"
 #: The Trainer's own state: loss curve and metrics (also written into every checkpoint).
 STATE_FILE = "trainer_state.json"
+#: The pre-flight checks of ``forge doctor`` / the start of ``forge train`` (``forge report`` shows them).
+DOCTOR_FILE = "doctor.json"
 #: What transformers names checkpoint folders: ``checkpoint-<global step>``.
 CHECKPOINT_PREFIX = "checkpoint"
 

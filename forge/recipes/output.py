@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from forge.core.io import atomic_write_text
-from forge.core.paths import PRESET_FILE
+from forge.core.paths import DOCTOR_FILE, PRESET_FILE
 from forge.errors import ForgeError
 
 # What a previous forge run leaves in its output directory (besides the tokenizer files the
@@ -17,7 +17,7 @@ RUN_FILES = ("trainer_state.json", "monitor_summary.json", "autotune.json", "all
              "generation_config.json", "model.safetensors", "model.safetensors.index.json",
              "adapter_model.safetensors", "adapter_config.json", "ema.safetensors", PRESET_FILE,
              # the freeze schedule's record of its changes (forge/layers/schedule.py)
-             "forge_gradual_unfreezing.json", "forge_lp_lora.json", "forge_lisa.json")
+             "forge_gradual_unfreezing.json", "forge_lp_lora.json", "forge_lisa.json", DOCTOR_FILE)
 RUN_DIRS = ("report", "runs", "adapter_init")
 
 

@@ -16,6 +16,7 @@ transforms, memory planning and callbacks, then the trainer.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,8 @@ def _keep_adapters_in_float32(model: Any) -> None:
             param.data = param.data.float()
 
 
-def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -> TrainResult:
+def train(preset: Preset, overwrite: bool = False, resume: bool | str = False, doctor: bool = True,
+          callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train a preset and save the model (or adapter) and resolved preset to the output dir.
 
     Args:
@@ -164,6 +166,9 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
         overwrite: allow writing into a non-empty output directory.
         resume: True to continue from the newest checkpoint in the output directory, or a
             checkpoint path.
+        doctor: run the pre-flight checks first (:func:`forge.recipes.doctor.preflight`): a
+            FAIL stops the run before the model loads; the results go into ``doctor.json``.
+        callbacks: more ``TrainerCallback``s for this run (``forge sweep`` prunes with one).
 
     Returns:
         A :class:`TrainResult` with the output directory and the final metrics.
@@ -181,16 +186,28 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False) -
         raise ForgeError(f"--resume: checkpoint '{resume}' not found")
     if isinstance(resume, str) and not is_complete(resume, writes_markers(Path(resume).parent)):
         raise ForgeError(f"--resume: checkpoint '{resume}' is incomplete (an interrupted save?)")
+    checks = None
+    if doctor:
+        from forge.recipes.doctor import preflight
+
+        # Before --overwrite clears anything: a run the checks stop loses nothing.
+        checks = preflight(config)
     if overwrite and not resume and is_main_process():
         removed = clear_previous_run(output_dir)
         if removed:
             note(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
     trainer = _build(config, resume)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if trainer.args.resume_from_checkpoint:
         note(f"resuming from {trainer.args.resume_from_checkpoint}")
     if trainer.is_world_process_zero():
         # Written first, so a run that crashes can be resumed with `forge train --resume CKPT`.
         write_preset_file(config.preset_yaml, output_dir)
+        if checks is not None:
+            from forge.doctor import write_checks
+
+            write_checks(checks, output_dir)
     result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     save_final_model(trainer, output_dir)
     if trainer.is_world_process_zero():

@@ -13,6 +13,7 @@ from typing import Any
 from forge.core.figures import PREFIX
 from forge.core.io import json_safe
 from forge.core.paths import STATE_FILE
+from forge.report.doctor import doctor_section
 from forge.report.features import FEATURES, collect_features
 from forge.report.files import MONITOR_FILE, RunFiles, load_run
 
@@ -220,6 +221,7 @@ pre {{ background: #f6f6f6; padding: 1em; }}
 {"<ul class='notes'>" + note_html + "</ul>" if note_html else ""}
 {"".join(sections)}
 {anomalies}
+{doctor_section(run.run_dir)}
 {preset}
 <script type="application/json" id="forge-series">{data}</script>
 </body></html>
