@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from forge.core.discovery import LayerInfo, find_layers
 from forge.core.figures import add_figures, is_eval_log, put_ahead_of_trackers
+from forge.core.io import write_json
 from forge.core.paths import checkpoint_dir
 from forge.core.trainable import trainable_set
 from forge.core.trainer_lookup import find_trainer_on_stack
@@ -207,8 +208,7 @@ class TrainabilitySchedule(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = checkpoint_dir(args, state.global_step)
         if os.path.isdir(folder) and args.should_save:
-            with open(os.path.join(folder, self.filename), "w") as f:
-                json.dump(self.state_dict(), f, indent=1)
+            write_json(self.state_dict(), os.path.join(folder, self.filename))
 
     # -- state ------------------------------------------------------------------------------------
     @property
