@@ -14,6 +14,21 @@ class ForgeError(Exception):
         forge.errors.ForgeError: data file 'train.jsonl' not found
     """
 
+    #: What ``forge`` exits with: 2 for a mistake the user can fix in what they gave.
+    exit_code = 2
+
+
+class ForgeFault(ForgeError):
+    """A fault outside the user's control (a full disk), said in plain words; exit code 1.
+
+    Example:
+        >>> raise ForgeFault("disk full at outputs/run/checkpoint-40")
+        Traceback (most recent call last):
+        forge.errors.ForgeFault: disk full at outputs/run/checkpoint-40
+    """
+
+    exit_code = 1
+
 
 class ConfigError(ForgeError):
     """One or more problems in a preset, all collected before raising.

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from forge.autotune.data import format_bytes
 from forge.autotune.search import LinearFit, Probe
 from forge.core.figures import add_figures, is_eval_log, put_ahead_of_trackers
+from forge.core.io import write_json
 from forge.core.paths import checkpoint_dir
 from forge.core.trainer_lookup import find_trainer_on_stack
 
@@ -216,5 +217,4 @@ class AutotuneCallback(TrainerCallback):
             return
         folder = checkpoint_dir(args, state.global_step)
         if os.path.isdir(folder):
-            with open(os.path.join(folder, CHOICE_NAME), "w", encoding="utf-8") as f:
-                json.dump(self.state_dict(), f, indent=2)
+            write_json(self.state_dict(), os.path.join(folder, CHOICE_NAME))

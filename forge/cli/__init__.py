@@ -16,8 +16,8 @@
     forge models fetch NAME
 
 Mistakes a user can make (a bad preset, a missing file, a bad data row) print one line each
-on stderr and exit with code 2; nothing in an existing output directory is overwritten
-unless ``--overwrite`` is given. A command module has ``register(subparsers)``, which adds
+on stderr and exit with code 2; faults outside their control (a full disk) exit with code 1;
+nothing in an existing output directory is overwritten unless ``--overwrite`` is given. A command module has ``register(subparsers)``, which adds
 its parsers and sets ``func`` (called with the parsed arguments, returning the exit code).
 """
 
@@ -40,9 +40,18 @@ COMMAND_MODULES = ("forge.cli.train", "forge.cli.doctor", "forge.cli.tune", "for
                    "forge.cli.models")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a command-line mistake reads like every other: one ``forge: error:`` line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.removeprefix("forge").strip()
+        self.exit(EXIT_USAGE, f"forge: error: {command + ': ' if command else ''}{message} "
+                  f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``forge`` argument parser with every command module's subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forge", description="Fine-tune HF models from YAML presets (SFT, LoRA, QLoRA, DPO, ...), "
         "then merge, chat, generate and evaluate.")
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
@@ -54,17 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``forge`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a mistake argparse reported
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers 5 warns about an alias TRL itself sets; it is noise to a forge user.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
     try:
         return args.func(args)
-    except ForgeError as err:
+    except ForgeError as err:  # a ForgeFault (a full disk) is not the user's mistake: exit 1
         if is_main_process():  # every rank of a launch finds the same mistake; say it once
             for line in str(err).splitlines():
                 print(f"forge: error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(err, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         print("forge: interrupted", file=sys.stderr)
         return 130

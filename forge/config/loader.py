@@ -24,6 +24,7 @@ from forge.config.schema import (
     training_config_class,
     validate,
 )
+from forge.core.safeyaml import MAX_BYTES, load_yaml
 from forge.core.typecheck import did_you_mean
 from forge.errors import ConfigError, ForgeError
 
@@ -74,13 +75,18 @@ def list_presets() -> dict[str, str]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise ForgeError(f"{path}: {path.stat().st_size} bytes is more than a preset can be "
+                             f"({MAX_BYTES}); is it the right file?")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ForgeError(f"preset file '{path}' not found") from None
+    except UnicodeDecodeError as err:
+        raise ForgeError(f"{path}: not UTF-8 text (byte {err.start}); save the preset as UTF-8") from None
     except OSError as err:
         raise ForgeError(f"cannot read preset file '{path}': {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -118,6 +124,8 @@ def _merge(base: dict, update: dict, origins: dict[str, str], source: str, prefi
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value, origins, source, dotted + ".")
+        elif isinstance(value, dict) and type(base.get(key)) in (int, float):
+            continue  # `training: 5` plus `--set training.x=1`: keep the 5 for validation to report
         else:
             base[key] = copy.deepcopy(value)
             origins[dotted] = source
@@ -156,7 +164,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ForgeError(f"--set {text!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = load_yaml(value, f"--set {key}") if value.strip() else None
     except yaml.YAMLError:
         raise ForgeError(f"--set {text!r}: the value is not valid YAML") from None
     if isinstance(parsed, str) and _is_number(parsed):
@@ -188,10 +196,12 @@ class Preset:
     Create it with :func:`load_preset`. Sections are plain dicts under ``preset.config``.
     """
 
-    def __init__(self, name: str, source: str, config: dict[str, Any]):
+    def __init__(self, name: str, source: str, config: dict[str, Any],
+                 origins: dict[str, str] | None = None):
         self.name = name
         self.source = source
         self.config = config
+        self.origins = dict(origins or {})  # dotted key -> the file (or "--set") that set it
 
     @property
     def method(self) -> str:
@@ -254,12 +264,26 @@ class Preset:
             made = training_config_class(self.method)(**args)
         except (ValueError, TypeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ForgeError(f"{self.source}: training: {first}") from None
+            raise ForgeError(f"{self._blame(first)}: training: {first}") from None
         if _deepspeed(args) and not _any_accelerator():
             from forge.core.distributed import count_cpu_deepspeed_ranks
 
             count_cpu_deepspeed_ranks()  # accelerate counts one process of a CPU DeepSpeed run
         return made
+
+    def _blame(self, message: str) -> str:
+        """Where the training keys a TrainingArguments error names (or whose values it
+        quotes) were set: ``--set`` for a bad ``--set`` value, not the preset it overrides."""
+        import re
+
+        sources = []
+        for key, value in self.config["training"].items():
+            named = re.search(rf"\b{re.escape(key)}\b", message)
+            quoted = isinstance(value, str) and value and re.search(rf"\b{re.escape(value)}\b", message)
+            source = self.origins.get(f"training.{key}")
+            if (named or quoted) and source and source not in sources:
+                sources.append(source)
+        return ", ".join(sources) or self.source
 
     def peft_config(self) -> Any:
         """A ``peft.LoraConfig``, or None for a full fine-tune."""
@@ -363,7 +387,7 @@ def load_preset(
         _merge(merged, _nest(key, value), origins, "--set")
     config = validate(merged, origins, str(path))
     name = path.stem
-    return Preset(name=name, source=str(path), config=config)
+    return Preset(name=name, source=str(path), config=config, origins=origins)
 
 
 __all__ = ["ConfigError", "Preset", "list_presets", "load_preset", "parse_override",

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.config.methods import METHODS, config_class, refusals
-from forge.core.typecheck import coerce, describe, did_you_mean
+from forge.config.outputs import output_path_problems
+from forge.core.typecheck import coerce, describe, did_you_mean, shown
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = ("messages", "prompt_completion", "alpaca", "text", "preference", "implicit_preference",
@@ -159,6 +160,7 @@ TRAINING_KEYS_ELSEWHERE = {
     "packing": "data.packing",
     "model_init_kwargs": "model",
     "trust_remote_code": "model.trust_remote_code",
+    "resume_from_checkpoint": "use `forge train --resume` instead (it checks the checkpoint is complete)",
 }
 
 
@@ -184,11 +186,24 @@ RANGES: dict[str, tuple[float | None, float | None, str, str]] = {
     "training.save_steps": (0, None, "(", "]"),
     "training.eval_steps": (0, None, "(", "]"),
     "training.save_total_limit": (1, None, "[", "]"),
-    "training.seed": (0, None, "[", "]"),
-    "training.data_seed": (0, None, "[", "]"),
+    "training.seed": (0, 2**32 - 1, "[", "]"),  # numpy's seed range (set_seed seeds it)
+    "training.data_seed": (0, 2**32 - 1, "[", "]"),
     "training.dataloader_num_workers": (0, None, "[", "]"),
+    "training.dataloader_prefetch_factor": (1, None, "[", "]"),
+    "training.dataset_num_proc": (1, None, "[", "]"),
     "training.label_smoothing_factor": (0, 1, "[", ")"),
+    "training.neftune_noise_alpha": (0, None, "(", "]"),
+    "training.torch_empty_cache_steps": (1, None, "[", "]"),
+    "training.eval_delay": (0, None, "[", "]"),
+    "training.ddp_timeout": (1, None, "[", "]"),
+    "training.ddp_bucket_cap_mb": (1, None, "[", "]"),
     "training.beta": (0, None, "(", "]"),
+    "training.label_smoothing": (0, 0.5, "[", "]"),  # DPO's robust/cDPO label noise
+    "training.ref_model_mixup_alpha": (0, 1, "[", "]"),
+    "training.ref_model_sync_steps": (1, None, "[", "]"),
+    "training.precompute_ref_batch_size": (1, None, "[", "]"),
+    "training.ld_alpha": (0, 1, "[", "]"),
+    "training.discopop_tau": (0, None, "(", "]"),
     "data.max_length": (1, None, "[", "]"),
     "data.max_samples": (1, None, "[", "]"),
     "data.sources.max_samples": (1, None, "[", "]"),
@@ -196,15 +211,33 @@ RANGES: dict[str, tuple[float | None, float | None, str, str]] = {
     "peft.r": (1, None, "[", "]"),
     "peft.lora_alpha": (0, None, "(", "]"),
     "peft.lora_dropout": (0, 1, "[", ")"),
+    # Feature sections: what each section's own checks leave open.
+    "loss.gamma": (0, None, "[", "]"),
+    "loss.power": (0, None, "[", "]"),
+    "loss.top_fraction": (0, 1, "(", "]"),
+    "loss.clamp_min": (0, None, "[", "]"),
+    "loss.clamp_max": (0, None, "(", "]"),
+    "loss.chunk_size": (1, None, "[", "]"),
+    "loss.z_loss": (0, None, "[", "]"),
+    "loss.label_smoothing": (0, 1, "[", ")"),
+    "monitor.explode_factor": (1, None, "(", "]"),
+    "monitor.vanish_factor": (0, 1, "(", ")"),
+    "monitor.grad_norm_max": (0, None, "(", "]"),
+    "monitor.grad_norm_min": (0, None, "[", "]"),
+    "monitor.spike_zscore": (0, None, "(", "]"),
+    "monitor.peak_flops": (0, None, "(", "]"),
+    "autotune.max_eval_batch": (1, None, "[", "]"),
+    "freeze.seed": (0, 2**32 - 1, "[", "]"),
 }
-
-
+_INT64 = 2**63 - 1
 def out_of_range(key: str, value: Any) -> str | None:
     """Why a value is not allowed for ``key`` (a dotted preset key), or None when it is."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"expected a finite number, got {value!r}"
+    if isinstance(value, int) and abs(value) > _INT64:
+        return f"expected a number that fits in 64 bits, got {shown(value)}"
     if key == "training.max_steps":
         return None if value == -1 or value >= 1 else f"expected -1 (use epochs) or >= 1, got {value!r}"
     low, high, left, right = RANGES.get(_unindexed(key), (None, None, "[", "]"))
@@ -213,7 +246,7 @@ def out_of_range(key: str, value: Any) -> str | None:
     if below or above:
         lo = "-inf" if low is None else low
         hi, right = ("inf", ")") if high is None else (high, right)
-        return f"expected a value in {left}{lo}, {hi}{right}, got {value!r}"
+        return f"expected a value in {left}{lo}, {hi}{right}, got {shown(value)}"
     return None
 
 
@@ -274,7 +307,7 @@ class _Checker:
                 continue
             ok, value = coerce(value, hints[key])
             if not ok:
-                self.add(dotted, f"expected {describe(hints[key])}, got {value!r}")
+                self.add(dotted, f"expected {describe(hints[key])}, got {shown(value)}")
                 continue
             problem = out_of_range(dotted, value)
             if problem:
@@ -316,7 +349,7 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
 
     method = preset.get("method", "sft")
     if method not in METHODS:
-        check.add("method", f"expected one of {', '.join(METHODS)}, got {method!r}")
+        check.add("method", f"expected one of {', '.join(METHODS)}, got {shown(method)}")
         method = "sft"
     out["method"] = method
     if "description" in preset:
@@ -370,7 +403,8 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
     if isinstance(training, dict):
         for key, moved_to in TRAINING_KEYS_ELSEWHERE.items():
             if key in training:
-                check.add(f"training.{key}", f"set {moved_to} instead")
+                check.add(f"training.{key}", moved_to if moved_to.startswith("use ")
+                          else f"set {moved_to} instead")
         training = {k: v for k, v in training.items() if k not in TRAINING_KEYS_ELSEWHERE}
     out["training"] = check.fields("training", training, _hints(training_cls))
 
@@ -381,6 +415,9 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
         key, _, message = problem.partition(": ")
         check.add(key, message)
     out["trackers"] = specs_to_config(specs)
+    if out["training"].get("eval_strategy", "no") != "no" and not has_eval(DataConfig(**out["data"])):
+        check.add("training.eval_strategy", f"{out['training']['eval_strategy']!r} needs evaluation "
+                  "data: set data.eval_path, data.eval_split or data.eval_fraction (or 'no')")
 
     for section in FEATURE_SECTIONS:
         value = preset.get(section)
@@ -397,6 +434,8 @@ def validate(preset: dict[str, Any], origins: dict[str, str], source: str) -> di
                 check.add(section, line.strip().lstrip("-• ").strip())
         out[section] = fields
 
+    for key, problem in output_path_problems(out, check.where):
+        check.add(key, problem)
     if check.problems:
         raise ConfigError(check.problems)
     return out

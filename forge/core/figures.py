@@ -32,10 +32,14 @@ def put_ahead_of_trackers(handler: Any, callback: Any) -> None:
     others = [cb for cb in handler.callbacks if cb is not callback]
     flow = [cb for cb in others if type(cb).__name__ == "DefaultFlowCallback"]
     printers = [cb for cb in others if type(cb).__name__ in _PRINTERS]
+    # A callback that must see every other one's on_save first (the checkpoint completion
+    # marker) stays at the very end.
+    last = [cb for cb in others if getattr(cb, "runs_last", False)]
     placed = flow + printers
-    forge = [cb for cb in others if is_forge_callback(cb) and not _is_tracker(cb) and cb not in placed]
-    rest = [cb for cb in others if not any(cb is x for x in placed + forge)]
-    handler.callbacks = placed + forge + [callback] + rest
+    forge = [cb for cb in others if is_forge_callback(cb) and not _is_tracker(cb)
+             and cb not in placed and cb not in last]
+    rest = [cb for cb in others if not any(cb is x for x in placed + forge + last)]
+    handler.callbacks = placed + forge + [callback] + rest + last
 
 
 def _is_tracker(callback: Any) -> bool:

@@ -99,3 +99,12 @@ def did_you_mean(key: str, choices: typing.Iterable[str]) -> str:
     """``" (did you mean 'x'?)"`` when a close match exists, else ``""``."""
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short: an error line names a value, it does not print a megabyte."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = 80
+    return short.repr(value)

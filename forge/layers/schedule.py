@@ -213,8 +213,7 @@ class TrainabilitySchedule(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = checkpoint_dir(args, state.global_step)
         if os.path.isdir(folder) and args.should_save:
-            with open(os.path.join(folder, self.filename), "w") as f:
-                json.dump(self.state_dict(), f, indent=1)
+            write_json(self.state_dict(), os.path.join(folder, self.filename))
 
     # -- state ------------------------------------------------------------------------------------
     @property

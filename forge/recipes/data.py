@@ -29,14 +29,13 @@ Example:
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from forge.errors import ForgeError
+from forge.recipes.rows import MAX_ROW_BYTES, from_rows, read_json, read_jsonl
 
 REQUIRED = {
     "messages": ("messages",),
@@ -80,6 +79,9 @@ def resolve_data_path(path: str) -> Path:
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise ForgeError(f"data file '{path}' not found")
+    if not (resolved.is_file() or resolved.is_dir()):  # a FIFO would block, /dev/zero never ends
+        raise ForgeError(f"data '{path}' is not a regular file (a pipe or a device?); give a "
+                         "data file or a saved dataset directory")
     return resolved
 
 
@@ -99,44 +101,6 @@ def read_hub(name: str, split: str) -> Any:
                          f"loaded{hint}: {first}") from None
 
 
-def _open_text(path: Path):
-    """Open a data file as text; ``.gz`` files are decompressed on the fly."""
-    if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ForgeError(f"{path} row {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ForgeError(f"{path} row {lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-def _read_json(path: Path) -> list[dict]:
-    try:
-        with _open_text(path) as f:
-            data = json.loads(f.read())
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # JSON Lines saved with a .json name
-            return _read_jsonl(path)
-        raise ForgeError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"train": [...]} or {"data": [...]}
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ForgeError(f"{path}: expected a JSON list of objects (or JSON Lines)")
-    return data
-
-
 def read_rows(path: Path, split: str = "train") -> Any:
     """Read a data file or saved dataset directory into a ``datasets.Dataset``."""
     import datasets
@@ -146,6 +110,9 @@ def read_rows(path: Path, split: str = "train") -> Any:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:
             raise ForgeError(f"{path}: not a directory saved by datasets.save_to_disk") from None
+        except Exception as err:  # a corrupt arrow file or dataset_info.json
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ForgeError(f"{path}: cannot read the saved dataset ({first})") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ForgeError(f"{path}: no split '{split}' (has {', '.join(loaded)})")
@@ -153,16 +120,21 @@ def read_rows(path: Path, split: str = "train") -> Any:
         return loaded
     suffix = data_suffix(path)
     if suffix == ".jsonl":
-        return datasets.Dataset.from_list(_read_jsonl(path))
+        return from_rows(read_jsonl(path), path)
     if suffix == ".json":
-        return datasets.Dataset.from_list(_read_json(path))
+        return from_rows(read_json(path), path)
     if suffix in (".csv", ".parquet"):
         builder = suffix[1:]
+        quiet = not datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a table of one file: no "Generating train split" bar
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # pyarrow/pandas parse errors: name the file, keep one line
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ForgeError(f"{path}: cannot read {builder.upper()} ({first})") from None
+        finally:
+            if not quiet:
+                datasets.enable_progress_bars()
     raise ForgeError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json, .csv, "
                      ".parquet, their .gz, a saved dataset directory or a Hub dataset name)")
 
@@ -217,11 +189,22 @@ def _check_messages(where: str, field: str, value: Any) -> None:
             raise ForgeError(f"{where}: {field}[{i}] has empty 'content'")
 
 
+def _text_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_bytes(m.get("content") if isinstance(m, dict) else m) for m in value)
+    return 0
+
+
 def check_rows(ds: Any, fmt: str, source: str) -> None:
     """Raise a ForgeError naming the first row with a missing or empty required field."""
     required = REQUIRED[fmt]
     for n, row in enumerate(ds, 1):
         where = f"{source} row {n}"
+        if sum(_text_bytes(row.get(field)) for field in required) > MAX_ROW_BYTES:
+            raise ForgeError(f"{where}: more than {MAX_ROW_BYTES // 2**20} MB of text, more than "
+                             "forge reads as one row; split the document")
         for field in required:
             if _empty(row.get(field)):
                 raise ForgeError(f"{where}: field '{field}' is missing or empty")

@@ -53,6 +53,34 @@ def _load_error(what: str, name: str, err: Exception) -> ForgeError:
     return ForgeError(f"cannot load {what} '{name}': {first}")
 
 
+def _weights_error(name: str, err: BaseException) -> ForgeError | None:
+    """What went wrong reading a model's files, in one line (None: not a file problem)."""
+    import pickle
+
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError):
+        return ForgeError(f"cannot load model '{name}': torch refused to unpickle a weights file "
+                          "(it holds more than tensors, so weights_only=True stopped it); use a "
+                          "model saved as .safetensors, or convert one you trust")
+    if type(err).__name__ == "SafetensorError":
+        return ForgeError(f"cannot load model '{name}': a .safetensors file is corrupt or cut "
+                          f"short ({first})")
+    if isinstance(err, RuntimeError) and ("ignore_mismatched_sizes" in first or "size mismatch" in first):
+        return ForgeError(f"cannot load model '{name}': its config.json does not match its weights "
+                          "(tensor shapes differ; the load report above lists them)")
+    if isinstance(err, (OSError, ValueError)):
+        return _load_error("model", name, err)
+    return None
+
+
+def _missing_weights(name: str, info: dict[str, Any]) -> None:
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ForgeError(f"cannot load model '{name}': its config.json does not match its weights: "
+                         f"{len(missing)} weights the config asks for are not in the files ({shown})")
+
+
 def load_tokenizer(model: ModelConfig) -> Any:
     """The model's tokenizer, with a pad token and a chat template guaranteed.
 
@@ -71,6 +99,10 @@ def load_tokenizer(model: ModelConfig) -> Any:
         )
     except (OSError, ValueError) as err:
         raise _load_error("tokenizer" if model.tokenizer else "model", name, err) from None
+    except Exception as err:  # KeyError, the tokenizers library's own errors: a broken tokenizer.json
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ForgeError(f"cannot load the tokenizer of '{name}': its files are broken "
+                         f"({type(err).__name__}: {first})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
@@ -157,10 +189,16 @@ def _load_base(model: ModelConfig, name: str | None, quantization_config: Any) -
         kwargs["attn_implementation"] = model.attn_implementation
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    shown = model.name_or_path if path == resolve_model_path(model.name_or_path) else path
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _load_error("model", model.name_or_path, err) from None
+        lm, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as err:
+        mapped = _weights_error(shown, err)
+        if mapped is None:
+            raise
+        raise mapped from None
+    _missing_weights(shown, info)
+    return lm
 
 
 def _prepare_kbit(lm: Any, quantization_config: Any) -> Any:
@@ -203,8 +241,14 @@ def _load_from_adapter(model: ModelConfig, base: str, quantization_config: Any, 
     from peft import PeftModel
 
     lm = _load_base(model, base, quantization_config)
-    if peft_config is None:
-        logger.info("model %s is an adapter of %s: merged into it for a full fine-tune", model.name_or_path, base)
-        return PeftModel.from_pretrained(lm, model.name_or_path).merge_and_unload()
-    lm = _prepare_kbit(lm, quantization_config)
-    return PeftModel.from_pretrained(lm, str(Path(model.name_or_path).expanduser()), is_trainable=True)
+    try:
+        if peft_config is None:
+            logger.info("model %s is an adapter of %s: merged into it for a full fine-tune", model.name_or_path, base)
+            return PeftModel.from_pretrained(lm, model.name_or_path).merge_and_unload()
+        lm = _prepare_kbit(lm, quantization_config)
+        return PeftModel.from_pretrained(lm, str(Path(model.name_or_path).expanduser()), is_trainable=True)
+    except Exception as err:
+        mapped = _weights_error(model.name_or_path, err)
+        if mapped is None:
+            raise
+        raise mapped from None

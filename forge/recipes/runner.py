@@ -15,7 +15,9 @@ transforms, memory planning and callbacks, then the trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,20 +27,25 @@ from forge.config.loader import Preset
 from forge.config.methods import METHOD_TABLE, trainer_class
 from forge.config.schema import has_eval
 from forge.core.console import is_main_process, note
+from forge.core.io import atomic_write_text, disk_full, is_disk_full
+from forge.core.paths import STATE_FILE, checkpoint_dir
 from forge.errors import ForgeError
 from forge.recipes.adapter_init import changes_base, save_as_lora, save_initial_adapter
 from forge.recipes.checkpoints import (
+    check_resumable,
     is_complete,
     last_complete_checkpoint,
     save_final_model,
-    writes_markers,
+    unmarked_up_to,
+    write_run_file,
 )
 from forge.recipes.launch import check_launch
 from forge.recipes.mixing import load_datasets as _load_data
 from forge.recipes.model import adapter_base, load_model, load_tokenizer, model_max_positions
-from forge.recipes.output import check_output_dir, clear_previous_run, write_preset_file
+from forge.recipes.output import claim_output_dir, clear_previous_run, trackers_inside, write_preset_file
 from forge.recipes.packing import packing_note
 from forge.recipes.phases import Run, RunConfig
+from forge.recipes.space import checkpoint_bytes
 
 
 @dataclass
@@ -161,6 +168,10 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False, d
           callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train a preset and save the model (or adapter) and resolved preset to the output dir.
 
+    The output directory is claimed first (:func:`~forge.recipes.output.claim_output_dir`:
+    writable, room for a checkpoint, locked for this run) and released at the end, also on
+    an error or Ctrl-C.
+
     Args:
         preset: from :func:`forge.load_preset`.
         overwrite: allow writing into a non-empty output directory.
@@ -175,49 +186,83 @@ def train(preset: Preset, overwrite: bool = False, resume: bool | str = False, d
 
     Raises:
         ForgeError: any mistake in the preset, the data or the paths, in one line.
+        ForgeFault: the disk filled up (the run can be resumed once there is room).
     """
     config = RunConfig.from_preset(preset)
     check_launch(config.training_args, config.features)
     output_dir = config.training_args.output_dir
-    check_output_dir(output_dir, overwrite, bool(resume))
-    if resume is True and get_last_checkpoint(output_dir) is None:
-        raise ForgeError(f"--resume: no complete checkpoint-* directory in '{output_dir}'")
-    if isinstance(resume, str) and not Path(resume).is_dir():
-        raise ForgeError(f"--resume: checkpoint '{resume}' not found")
-    if isinstance(resume, str) and not is_complete(resume, writes_markers(Path(resume).parent)):
-        raise ForgeError(f"--resume: checkpoint '{resume}' is incomplete (an interrupted save?)")
-    checks = None
-    if doctor:
-        from forge.recipes.doctor import preflight
+    config.trackers = trackers_inside(config.trackers, output_dir)
+    need = checkpoint_bytes(config) if is_main_process() else None
+    with claim_output_dir(output_dir, overwrite, bool(resume), need):
+        _check_resume(output_dir, resume)
+        checks = None
+        if doctor:
+            from forge.recipes.doctor import preflight
 
-        # Before --overwrite clears anything: a run the checks stop loses nothing.
-        checks = preflight(config)
-    if overwrite and not resume and is_main_process():
-        removed = clear_previous_run(output_dir)
-        if removed:
-            note(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
-    trainer = _build(config, resume)
-    for callback in callbacks:
-        trainer.add_callback(callback)
-    if trainer.args.resume_from_checkpoint:
-        note(f"resuming from {trainer.args.resume_from_checkpoint}")
-    if trainer.is_world_process_zero():
-        # Written first, so a run that crashes can be resumed with `forge train --resume CKPT`.
-        write_preset_file(config.preset_yaml, output_dir)
-        if checks is not None:
-            from forge.doctor import write_checks
+            # Before --overwrite clears anything: a run the checks stop loses nothing.
+            checks = preflight(config)
+        if overwrite and not resume and is_main_process():
+            removed = clear_previous_run(output_dir)
+            if removed:
+                note(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}")
+        trainer = _build(config, resume)
+        for callback in callbacks:
+            trainer.add_callback(callback)
+        if trainer.args.resume_from_checkpoint:
+            note(f"resuming from {trainer.args.resume_from_checkpoint}")
+        if trainer.is_world_process_zero():
+            # Written first, so a run that crashes can be resumed with `forge train --resume CKPT`.
+            write_preset_file(config.preset_yaml, output_dir)
+            write_run_file(output_dir, trainer.args.resume_from_checkpoint)
+            if checks is not None:
+                from forge.doctor import write_checks
 
-            write_checks(checks, output_dir)
-    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    save_final_model(trainer, output_dir)
-    if trainer.is_world_process_zero():
-        if config.peft is not None and changes_base(config.peft) and adapter_base(config.model.name_or_path) is None:
-            save_as_lora(trainer.model, output_dir)
-        write_preset_file(config.preset_yaml, output_dir)
-        # The loss curve and metrics, in the Trainer's own format, for reports and tests.
-        trainer.state.save_to_json(str(Path(output_dir, "trainer_state.json")))
+                write_checks(checks, output_dir)
+        try:
+            result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+            save_final_model(trainer, output_dir)
+            if trainer.is_world_process_zero():
+                if (config.peft is not None and changes_base(config.peft)
+                        and adapter_base(config.model.name_or_path) is None):
+                    save_as_lora(trainer.model, output_dir)
+                write_preset_file(config.preset_yaml, output_dir)
+                # The loss curve and metrics, in the Trainer's own format, for reports and tests.
+                state = json.dumps(dataclasses.asdict(trainer.state), indent=2, sort_keys=True)
+                atomic_write_text(Path(output_dir, STATE_FILE), state + "\n")
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            raise _disk_full_mid_run(err, trainer) from None
     return TrainResult(output_dir=output_dir, metrics=dict(result.metrics),
                        log_history=list(trainer.state.log_history), trainer=trainer)
+
+
+def _check_resume(output_dir: str, resume: bool | str) -> None:
+    """A checkpoint to resume from exists, is complete, and its files can be read back."""
+    if resume is True:
+        found = get_last_checkpoint(output_dir)
+        if found is None:
+            raise ForgeError(f"--resume: no complete checkpoint-* directory in '{output_dir}'")
+        check_resumable(found)
+    elif isinstance(resume, str):
+        if not Path(resume).is_dir():
+            raise ForgeError(f"--resume: checkpoint '{resume}' not found")
+        if not is_complete(resume, unmarked_up_to=unmarked_up_to(Path(resume).parent)):
+            raise ForgeError(f"--resume: checkpoint '{resume}' is incomplete (an interrupted save?)")
+        check_resumable(resume)
+
+
+def _disk_full_mid_run(err: BaseException, trainer: Any) -> ForgeError:
+    """A full disk during training, in plain words: where, and how to go on from there."""
+    args = trainer.args
+    where = getattr(err, "filename", None) or checkpoint_dir(args, trainer.state.global_step)
+    if not Path(where).exists():
+        where = args.output_dir
+    last = get_last_checkpoint(args.output_dir)
+    then = (f"free some space, then `forge train --resume --output-dir {args.output_dir}` "
+            f"continues from {Path(last).name}" if last else
+            "free some space and run again (no checkpoint was complete yet)")
+    return disk_full(where, then)
 
 
 def get_last_checkpoint(output_dir: str) -> str | None:

@@ -38,11 +38,52 @@ class RunFiles:
     schedules: list[dict[str, Any]] = field(default_factory=list)
 
 
+_MAX_FILE_BYTES = 512 * 2**20  # a run's JSON files are kB to a few MB
+
+
 def _read_json(path: Path) -> Any:
     try:
+        if path.stat().st_size > _MAX_FILE_BYTES:
+            raise ForgeError(f"cannot read '{path}': {path.stat().st_size} bytes is more than a "
+                             "run file can be")
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ForgeError(f"cannot read '{path}': not UTF-8 text (byte {err.start})") from None
     except (OSError, ValueError) as err:
         raise ForgeError(f"cannot read '{path}': {err}") from None
+    except RecursionError:
+        raise ForgeError(f"cannot read '{path}': JSON nested too deeply") from None
+
+
+def _objects(path: Path, data: dict[str, Any], key: str, step: bool = False) -> list[dict[str, Any]]:
+    """``data[key]`` checked to be a list of JSON objects (each with a numeric ``step``)."""
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ForgeError(f"{path}: '{key}' should be a list, got {type(value).__name__}")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise ForgeError(f"{path}: {key}[{i}] should be an object, got {type(entry).__name__}")
+        number = entry.get("step")
+        if step and (isinstance(number, bool) or not isinstance(number, (int, float))):
+            raise ForgeError(f"{path}: {key}[{i}] has no numeric 'step'")
+    return value
+
+
+def _object(path: Path) -> dict[str, Any]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ForgeError(f"{path}: should be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_monitor(path: Path) -> dict[str, Any]:
+    data = _object(path)
+    _objects(path, data, "history", step=True)
+    for key in ("events", "anomalies"):
+        _objects(path, data, key)
+    if not isinstance(data.get("skipped_steps", []), list):
+        raise ForgeError(f"{path}: 'skipped_steps' should be a list")
+    return data
 
 
 def load_run(run_dir: str | Path) -> RunFiles:
@@ -76,17 +117,20 @@ def load_run(run_dir: str | Path) -> RunFiles:
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     state: dict[str, Any] = {}
     for path in paths:
-        data = _read_json(path)
-        for entry in data.get("log_history", []):
+        data = _object(path)
+        for entry in _objects(path, data, "log_history", step=True):
             merged[(entry.get("step"), tuple(sorted(entry)))] = entry
         state = {k: v for k, v in data.items() if k != "log_history"}
     history = sorted(merged.values(), key=lambda e: e.get("step") or 0)  # stable within a step
-    monitor = _read_json(root / MONITOR_FILE) if (root / MONITOR_FILE).is_file() else None
+    monitor = _read_monitor(root / MONITOR_FILE) if (root / MONITOR_FILE).is_file() else None
     preset = None
     if (root / PRESET_FILE).is_file():
         from forge.trackers.redact import redact_yaml
 
-        preset = redact_yaml((root / PRESET_FILE).read_text(encoding="utf-8"))
+        try:
+            preset = redact_yaml((root / PRESET_FILE).read_text(encoding="utf-8", errors="replace"))
+        except (OSError, ForgeError):
+            preset = None  # the report is about the curves; a broken preset file only loses its box
     sources = [str(p.relative_to(root)) for p in paths]
     return RunFiles(root, history, sources, monitor, preset, state, _schedules(root, paths))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.core.figures import PREFIX
-from forge.core.io import json_safe
+from forge.core.io import atomic_write_bytes, atomic_write_text, json_safe
 from forge.core.paths import STATE_FILE
 from forge.report.doctor import doctor_section
 from forge.report.features import FEATURES, collect_features
@@ -139,7 +139,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             notes.append(f"{title}: {note}")
         if png is None:
             continue
-        (out / f"{name}.png").write_bytes(png)
+        atomic_write_bytes(out / f"{name}.png", png)
         data = base64.b64encode(png).decode("ascii")
         sections.append(f'<figure id="{name}"><h2>{html.escape(title)}</h2>'
                         f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
@@ -157,7 +157,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         sections.append(_feature_section(name, title, figures, events, png))
     page = _page(run, series, sections, notes)
     path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)
     return path
 
 
@@ -196,13 +196,14 @@ def _page(run: RunFiles, series: dict[str, Any], sections: list[str], notes: lis
     records = (run.monitor or {}).get("anomalies", [])[:20]
     anomaly_rows = "".join(
         f"<tr><td>{esc(str(r.get('first_step')))}&ndash;{esc(str(r.get('last_step')))}</td>"
-        f"<td>{esc(str(r.get('count')))}</td>"
-        f"<td>{esc(str(r.get('first_message', '')))}</td></tr>" for r in records)
+        f"<td>{esc(str(r.get('count')))}</td><td>{esc(str(r.get('first_message', '')))}</td></tr>"
+        for r in records)
     anomalies = (f"<h2>Anomalies</h2><table><tr><th>steps</th><th>count</th><th>first</th></tr>"
                  f"{anomaly_rows}</table>" if anomaly_rows else "")
     preset = (f"<h2>Preset</h2><pre>{esc(run.preset_yaml)}</pre>" if run.preset_yaml else "")
-    # "</" cannot end the script element early: JSON allows escaping the slash.
-    data = json.dumps(json_safe(series)).replace("</", "<\\/")
+    # No "<" at all in the script element ("</script>", "<!--" from a run file end or bend it);
+    # JSON reads the escape back as "<".
+    data = json.dumps(json_safe(series)).replace("<", "\\u003c")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>forge report: {esc(run.run_dir.name)}</title>

@@ -21,6 +21,7 @@ from transformers.integrations.integration_utils import (
     WandbLogModel,
 )
 
+from forge.core.io import atomic_write_text
 from forge.core.paths import PRESET_FILE
 from forge.errors import ForgeError
 from forge.trackers.base import (
@@ -177,8 +178,7 @@ class ForgeWandbCallback(WandbCallback):
             self._wandb.config.update({"forge_preset": _preset_dict(self.forge)},
                                       allow_val_change=True)
             path = os.path.join(self._wandb.run.dir, PRESET_FILE)
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(self.forge.preset_yaml)
+            atomic_write_text(path, self.forge.preset_yaml)
             self._wandb.save(path, base_path=self._wandb.run.dir, policy="now")
 
     def _log(self, args, state, control, model=None, logs=None, **kwargs):

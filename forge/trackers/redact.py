@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+from forge.core.safeyaml import load_yaml
+from forge.errors import ForgeError
+
 REDACTED = "<redacted>"
 
 # A key names a secret when its last word is one of these (``hub_token``, ``wandb_api_key``).
@@ -105,9 +108,9 @@ def redact_yaml(text: str) -> str:
         if not line.startswith("#"):
             break
         header += line
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    try:  # within a budget: a "billion laughs" run file must not hang `forge report`
+        data = load_yaml(text, "preset")
+    except (yaml.YAMLError, ForgeError):
         data = None
     if isinstance(data, dict):
         body = yaml.safe_dump(redact(data), sort_keys=False, allow_unicode=True)
