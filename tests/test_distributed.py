@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# The accelerate CLI of this interpreter (a venv that is not activated has no `accelerate` on PATH).
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "_dist_worker.py"
@@ -115,9 +117,8 @@ def test_ddp_torchrun_matches_one_process(reference, tmp_path):
 
 
 @needs_torchrun
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_ddp_accelerate_launch_matches_one_process(reference, tmp_path):
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(WORKER), "ddp"]
     _check_against(_launch(cmd, tmp_path / "acc"), reference["single-gradual"], atol=3e-4)
@@ -180,10 +181,9 @@ def test_forge_train_under_torchrun(tmp_path):
 
 
 # -- launch mistakes: one line, at config time, once ---------------------------------------------------
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
 def test_accelerate_cpu_launch_without_mpirun_is_refused_once(tmp_path):
     proc = subprocess.run(
-        ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        [*ACCELERATE, "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "forge", "train", "lora", *COMMON, "--output-dir", str(tmp_path / "out")],
         capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("forge: error:")]

@@ -84,11 +84,6 @@ def _fsdp1(setup: Setup) -> bool:
     return bool(getattr(setup.args, "fsdp", None)) and int(version) == 1
 
 
-def _zero3(setup: Setup) -> bool:
-    ds = getattr(setup.args, "deepspeed", None)
-    return isinstance(ds, dict) and (ds.get("zero_optimization") or {}).get("stage") == 3
-
-
 def _custom_loss(setup: Setup) -> bool:
     loss = setup.config.get("loss") or {}
     return bool(loss.get("strategy") or loss.get("fused") or loss.get("z_loss") or loss.get("label_smoothing")
@@ -146,9 +141,6 @@ COMBINATIONS: tuple[Combination, ...] = (
     Combination("ema-fsdp1", "ema: enabled under FSDP version 1", lambda s: _on(s, "ema") and _fsdp1(s), REFUSED,
                 "train", "FSDP1 flattens parameters; forge.ema supports FSDP2",
                 {"ema.enabled": True, "training.fsdp": "full_shard", "training.fsdp_config": {"version": 1}}),
-    Combination("ema-zero3", "ema: enabled under DeepSpeed ZeRO-3", lambda s: _on(s, "ema") and _zero3(s),
-                REFUSED, "train", "forge.ema does not gather ZeRO-3 partitions yet (ZeRO-1/2 and FSDP2 work)",
-                {"ema.enabled": True, "training.deepspeed": {"zero_optimization": {"stage": 3}}}),
     Combination("freeze-schedule-sharded", "a freeze: schedule under FSDP or DeepSpeed",
                 lambda s: _on(s, "freeze") and bool(_get(s, "freeze.schedule")) and _sharded(s), UNSUPPORTED,
                 "train", "trainability changes are not seen by sharded optimizers (see docs/distributed.md)",

@@ -51,9 +51,11 @@ def step_bytes(model: Any, args: Any, seq_len: int, rows_per_example: int = 1) -
     from forge.autotune.probe import StepProbe, as_trained, autocast_dtype, optimizer_factory
 
     device = next(model.parameters()).device
-    probe = StepProbe(model, seq_len, mode="cuda" if device.type == "cuda" else "accounting",
-                      optimizer_factory=optimizer_factory(args, model), autocast_dtype=autocast_dtype(args),
-                      rows_per_example=rows_per_example)
+    # The same probe autotune uses (forge.core.memory: live tensors on CPU, the allocator on CUDA).
+    probe = StepProbe(model, seq_len, optimizer_factory=optimizer_factory(args, model),
+                      autocast_dtype=autocast_dtype(args), rows_per_example=rows_per_example,
+                      accumulation_steps=2 if int(getattr(args, "gradient_accumulation_steps", 1) or 1) > 1 else 1,
+                      max_grad_norm=getattr(args, "max_grad_norm", None))
     with as_trained(model, args, device):
         return probe(int(args.per_device_train_batch_size))
 

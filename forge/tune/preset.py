@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from forge.config.loader import Preset
+from forge.core.io import atomic_write_bytes
 from forge.tune.lr_find import LRFindResult, lr_find, plot_lr_find
 
 
@@ -64,5 +65,5 @@ def write_lr_find(result: LRFindResult, out_dir: str | Path) -> dict[str, Any]:
     png = None
     if importlib.util.find_spec("matplotlib") is not None:
         png = out / "lr_find.png"
-        png.write_bytes(plot_lr_find(result))
+        atomic_write_bytes(png, plot_lr_find(result))
     return {"json": out / "lr_find.json", "png": png}
