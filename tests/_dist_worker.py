@@ -72,7 +72,7 @@ def preset(output_dir: str):
         "training.ddp_find_unused_parameters": True, "training.max_grad_norm": 1.0,
         "ema": {"enabled": True, "decay": 0.7},
         "monitor": {"enabled": True, "log_every": 1, "on_nonfinite": "skip"},
-        "freeze": freeze, "loss": {"strategy": "focal", "gamma": 2.0, "fused": False},
+        "freeze": freeze, "loss": {"strategy": "focal", "gamma": 2.0, "fused": True},
         "trackers": {"tensorboard": {"histogram_every": 2}},
     }
     if mode.startswith("zero"):
