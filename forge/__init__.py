@@ -12,11 +12,10 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
 
 from forge.config.loader import Preset, list_presets, load_preset
+from forge.core.lazy import lazy_exports
 from forge.errors import ConfigError, ForgeError
 
 __version__ = "0.1.0"
@@ -74,17 +73,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'forge' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = ["ConfigError", "ForgeError", "Preset", "list_presets", "load_preset", "__version__",

@@ -21,8 +21,7 @@ See ``docs/loss.md``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from forge.core.lazy import lazy_exports
 
 # public name -> module that defines it. Imported on first use, so that the plain-PyTorch maths
 # (``forge.loss.ops``) loads without transformers' Trainer, TRL or PEFT.
@@ -41,14 +40,4 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'forge.loss' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
