@@ -9,8 +9,9 @@ Every row is a ``transformers.Trainer`` that logs every optimizer step (``loggin
 
 * ``bare``: nothing else attached;
 * ``monitor``: ``GradientMonitor()`` with its defaults (``on_nonfinite="skip"``, so one small
-  row is copied to the host per step to decide before the update; per-block metrics and
-  update/weight ratios measured on every step, since every step is a logging step);
+  row is copied to the host per step to decide before the update; per-block norms on every
+  step, since every step is a logging step, update/weight ratios and zero fractions once per
+  ``detail_every`` = 10 steps);
 * ``monitor-warn``: ``GradientMonitor`` with every policy ``warn`` (one copy per log);
 * ``wandb``: ``wandb.watch(model, log="all", log_freq=1)`` in an offline run.
 

@@ -156,10 +156,13 @@ def test_trainer_metrics_match_direct_with_accumulation_and_reach_tensorboard(tm
     trainer.train()
     logs = [entry for entry in rec.logs if "loss" in entry]
     assert len(logs) == 3 and len(rec.norms) == 3
-    for entry, norms in zip(logs, rec.norms):  # accumulated gradients, one log per step
+    for step, (entry, norms) in enumerate(zip(logs, rec.norms), 1):  # accumulated gradients, a log per step
         for g, (norm, zero) in norms.items():
             assert entry[f"forge/grad_norm/{g}"] == pytest.approx(norm, rel=1e-5)
-            assert entry[f"forge/zero_grad_frac/{g}"] == pytest.approx(zero, abs=1e-6)
+            if step == 2:  # detail_every=10: zero fractions on step 1 (its window's first) and the last
+                assert f"forge/zero_grad_frac/{g}" not in entry
+            else:
+                assert entry[f"forge/zero_grad_frac/{g}"] == pytest.approx(zero, abs=1e-6)
         assert entry["forge/grad_norm_preclip"] == pytest.approx(entry["grad_norm"], rel=1e-5)
         assert entry["forge/loss"] == pytest.approx(entry["loss"], rel=1e-5)
         assert entry["forge/tokens_per_second"] > 0
@@ -545,3 +548,28 @@ def test_fp16_norms_are_unscaled_once(one_thread):
         monitor._record(1, None, None, measure=True)
         got = monitor.flush_metrics()["forge/grad_norm_preclip"]
         assert got == pytest.approx(want, rel=1e-5), (unscale_first, got, want)
+
+
+def test_details_are_measured_once_per_window_at_every_step_logging(tmp_path):
+    """Update ratios and zero fractions (extra passes over the weights) once per detail_every
+    steps; norms every step. A pure function of the step, so resume measures the same steps."""
+    from forge.monitor.trainer import measures_details
+
+    args = _args(tmp_path, max_steps=25)
+    state = type("S", (), {"logging_steps": 1, "max_steps": 25})()
+    assert [s for s in range(1, 26) if measures_details(args, state, s, None, 10)] == [1, 11, 21, 25]
+    assert [s for s in range(1, 26) if measures_details(args, state, s, None, 1)] == list(range(1, 26))
+    state.logging_steps = 5  # every logging step that opens a window of 10
+    assert [s for s in range(1, 26) if measures_details(args, state, s, None, 10)] == [5, 15, 25]
+    state.logging_steps = 10
+    assert [s for s in range(1, 26) if measures_details(args, state, s, None, 10)] == [10, 20, 25]
+
+    model = make_tiny_llama(seed=2)
+    rec = Recorder()
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", max_steps=12, logging_steps=1),
+                      train_dataset=_dataset(), callbacks=[GradientMonitor(detail_every=5), rec])
+    trainer.train()
+    logs = [entry for entry in rec.logs if "loss" in entry]
+    measured = [e["step"] for e in logs if "forge/update_ratio" in e]
+    assert measured == [1, 6, 11, 12]
+    assert all("forge/grad_norm/layer_00" in e for e in logs)

@@ -75,6 +75,7 @@ RANGES: dict[str, tuple[float | None, float | None, str, str]] = {
     "monitor.grad_norm_min": (0, None, "[", "]"),
     "monitor.spike_zscore": (0, None, "(", "]"),
     "monitor.peak_flops": (0, None, "(", "]"),
+    "monitor.detail_every": (1, None, "[", "]"),
     "autotune.max_eval_batch": (1, None, "[", "]"),
     "freeze.seed": (0, 2**32 - 1, "[", "]"),
 }

@@ -139,7 +139,8 @@ class GradientMonitor(TrainerCallback):
 
         Call after ``loss.backward()`` in place of clipping, ``optimizer.step()`` and
         ``lr_scheduler.step()``; zero the gradients yourself afterwards either way. Weight
-        norms, update ratios and zero fractions are measured every ``log_every`` steps.
+        norms, update ratios and zero fractions are measured every ``log_every`` steps (at
+        most once per ``detail_every``).
 
         Returns:
             True if the update was applied, False if it was skipped.
@@ -149,7 +150,8 @@ class GradientMonitor(TrainerCallback):
         """
         core = self._require_core()
         step = core.last_step + 1
-        measure = step % (self.config.log_every or 1) == 0
+        every, detail = self.config.log_every or 1, max(1, self.config.detail_every)
+        measure = step % every == 0 and (detail <= every or (step - 1) // detail != (step - 1 - every) // detail)
         self._record(step, loss, max_grad_norm, measure)
         if self.gated and self._verdict() != "apply":
             self._mark_skipped(step)
@@ -283,7 +285,7 @@ class GradientMonitor(TrainerCallback):
                     # The last point where the gradients are complete and still unclipped.
                     step = trainer.state.global_step + 1
                     self._record(step, self._trainer_loss(), trainer.args.max_grad_norm,
-                                 self._will_log(trainer.args, trainer.state, step))
+                                 self._measures(trainer.args, trainer.state, step))
                     return original(model_arg)
 
                 self._patches.set(trainer, "_clip_grad_norm", clip_after_recording)
@@ -298,7 +300,7 @@ class GradientMonitor(TrainerCallback):
         last = self._ds_seen["loss"] if self._ds_seen else None
         if last is not None:  # the Trainer adds the last micro-batch's loss after this step
             loss = last if loss is None else loss + last.to(loss.device)
-        measure = self._will_log(trainer.args, trainer.state, step)
+        measure = self._measures(trainer.args, trainer.state, step)
         # DeepSpeed unscales (fp16) and clips after this hook, with its own clip setting.
         scale, clip = deepspeed_grad_scaling(self._ds_engine)
         inv_scale = None if scale == 1.0 else torch.tensor(1.0 / scale)
@@ -310,8 +312,9 @@ class GradientMonitor(TrainerCallback):
             self._snapshot = self._core.plan.snapshot()
         return True
 
-    def _will_log(self, args: Any, state: Any, step: int) -> bool:
-        return glue.will_log(args, state, step, self.config.log_every)
+    def _measures(self, args: Any, state: Any, step: int) -> bool:
+        """Whether this step measures the extras (update ratios, zero fractions)."""
+        return glue.measures_details(args, state, step, self.config.log_every, self.config.detail_every)
 
     def _trainer_loss(self) -> torch.Tensor | None:
         acc = getattr(self._trainer, "_tr_loss", None)
@@ -329,7 +332,7 @@ class GradientMonitor(TrainerCallback):
         if self._ds_seen is not None or self._core is None:
             return  # under DeepSpeed the step was recorded (and taken) inside the engine
         step = state.global_step + 1
-        measure = self._will_log(args, state, step)
+        measure = self._measures(args, state, step)
         if self._recorded_step != step:  # no clipping configured (or no Trainer found)
             self._record(step, self._trainer_loss(), None, measure)
         if self.gated and self._verdict() == "skip":

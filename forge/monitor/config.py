@@ -31,6 +31,11 @@ class MonitorConfig:
     update_ratio: bool = field(default=True, metadata=_help(
         "Measure weight norms and update/weight ratios on logging steps (copies the "
         "trainable weights for that one step)."))
+    detail_every: int = field(default=10, metadata=_help(
+        "Measure update ratios and zero-gradient fractions at most once per N optimizer steps "
+        "(on the first logging step of each N): extra passes over the weights that cost more "
+        "than the rest of the monitor at every-step logging. Norms, non-finite checks and the "
+        "skip decision run every step. 1: on every logging step."))
     on_nonfinite: Policy = field(default="skip", metadata=_help(
         "NaN/inf gradient or loss: warn, skip the optimizer step, or stop."))
     on_spike: Policy = field(default="warn", metadata=_help("Loss spike: warn, skip or stop."))

@@ -41,7 +41,9 @@ def interval_metrics(
             g0, z0 = layout["group_grad_norm"].start, layout["group_zero_frac"].start
             for k, name in enumerate(group_names):
                 out[f"{PREFIX}grad_norm/{name}"] = _mean(list(cols[g0 + k]))
-                out[f"{PREFIX}zero_grad_frac/{name}"] = _mean(list(cols[z0 + k]))
+                zero = _mean(list(cols[z0 + k]))
+                if math.isfinite(zero):  # NaN: not measured in this interval (detail_every)
+                    out[f"{PREFIX}zero_grad_frac/{name}"] = zero
     if update_rows:
         cols = list(zip(*update_rows))
         s = update_layout["scalars"].start
