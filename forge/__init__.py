@@ -21,17 +21,27 @@ from forge.errors import ConfigError, ForgeError
 __version__ = "0.1.0"
 
 
-class _DropBitsandbytesKernelNotice(logging.Filter):
-    """bitsandbytes looks for an optional Hub kernel on CPUs with AVX512-BF16 and logs a
-    warning when it is absent; its own fallback is correct and forge never downloads
-    kernels, so the line only reads like an error to a user. Only that one message goes."""
+class _DropNotice(logging.Filter):
+    """Drops one library notice that reads like an error to a user but is not one.
+
+    * bitsandbytes looks for an optional Hub kernel on CPUs with AVX512-BF16 and warns when it
+      is absent; its own fallback is correct and forge never downloads kernels.
+    * DeepSpeed, merely installed (the ``distributed`` extra), is imported by accelerate on
+      every run and warns that it set its accelerator to CPU on a machine without a GPU; a
+      DeepSpeed run on CPU sets ``DS_ACCELERATOR=cpu`` and never sees it.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+        return not str(record.msg).startswith(self.prefix)
 
 
-# A filter on a named logger costs nothing and imports nothing (bitsandbytes stays lazy).
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelNotice())
+# A filter on a named logger costs nothing and imports nothing (both libraries stay lazy).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropNotice("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("DeepSpeed").addFilter(_DropNotice("Setting accelerator to CPU"))
 
 # public name -> module that defines it (imported lazily by __getattr__)
 _LAZY: dict[str, str] = {

@@ -53,6 +53,18 @@ def test_bitsandbytes_kernel_notice_is_silenced_by_import_forge():
         pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never prints the notice")
 
 
+def test_deepspeed_cpu_accelerator_notice_is_silenced_by_import_forge():
+    pytest.importorskip("deepspeed", reason="the notice comes from DeepSpeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONWARNINGS"] = "ignore"
+    runs = {name: subprocess.run([sys.executable, "-c", f"import {name}deepspeed"], capture_output=True,
+                                 text=True, env=env, timeout=300) for name in ("", "forge, ")}
+    assert runs["forge, "].returncode == 0, runs["forge, "].stderr
+    assert "Setting accelerator to CPU" not in runs["forge, "].stdout + runs["forge, "].stderr
+    if "Setting accelerator to CPU" not in runs[""].stdout + runs[""].stderr:  # DeepSpeed prints it to stdout
+        pytest.skip("DeepSpeed found an accelerator here, so it never prints the notice")
+
+
 def test_overwrite_removes_the_previous_runs_files_but_not_the_users(tmp_path, capsys):
     out = tmp_path / "out"
     first = ["train", "demo", *TINY, "--max-steps", "2", "--output-dir", str(out),
