@@ -150,8 +150,8 @@ class GradientMonitor(TrainerCallback):
         """
         core = self._require_core()
         step = core.last_step + 1
-        every, detail = self.config.log_every or 1, max(1, self.config.detail_every)
-        measure = step % every == 0 and (detail <= every or (step - 1) // detail != (step - 1 - every) // detail)
+        every = self.config.log_every or 1
+        measure = step % every == 0 and glue.opens_detail_window(step, every, max(1, self.config.detail_every))
         self._record(step, loss, max_grad_norm, measure)
         if self.gated and self._verdict() != "apply":
             self._mark_skipped(step)

@@ -96,6 +96,12 @@ def will_log(args: Any, state: Any, step: int, log_every: int | None) -> bool:
     return bool(state.max_steps) and step >= state.max_steps
 
 
+def opens_detail_window(step: int, every: int, detail_every: int) -> bool:
+    """Whether a logging step (one every ``every`` steps) is the first in its window of
+    ``detail_every`` steps (1-10, 11-20, ... for 10); always true when ``detail_every <= every``."""
+    return (step - 1) // detail_every != (step - 1 - every) // detail_every
+
+
 def measures_details(args: Any, state: Any, step: int, log_every: int | None, detail_every: int) -> bool:
     """Whether step ``step`` measures update ratios and zero fractions: a logging step that is
     the first one in its window of ``detail_every`` steps (1-10, 11-20, ... for 10), and the
@@ -106,12 +112,10 @@ def measures_details(args: Any, state: Any, step: int, log_every: int | None, de
     """
     if not will_log(args, state, step, log_every):
         return False
-    if detail_every <= 1:
-        return True
     # The logging interval in steps (the Trainer turns a fractional logging_steps into steps).
     every = max(1, int(log_every or getattr(state, "logging_steps", None) or args.logging_steps or 1))
     last = bool(state.max_steps) and step >= state.max_steps  # the final log measures, too
-    return last or (step - 1) // detail_every != (step - 1 - every) // detail_every
+    return last or opens_detail_window(step, every, max(1, detail_every))
 
 
 def loss_scaler(optimizer: Any) -> Any | None:
